@@ -1,0 +1,1 @@
+"""The `bwarea` verbs, one module per area (see bwarea/cli.py)."""

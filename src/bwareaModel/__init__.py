@@ -1,0 +1,1 @@
+"""The released BWArea import paths (``bwareaModel.model_utils``, ``bwareaModel.tokenizer``), served by bwarea."""
