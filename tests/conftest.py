@@ -1,0 +1,54 @@
+"""Shared test fixtures: the released-format fixture checkpoint and tiny random BWArea models."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from bwarea import BWAreaConfig, BWAreaForCausalLM
+
+FIXTURE = Path(__file__).parent / "fixtures" / "original-format-tiny"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def released_dir() -> Path:
+    """The tiny checkpoint written by the released implementation (see its README)."""
+    return FIXTURE / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    return json.loads((FIXTURE / "reference_outputs.json").read_text())
+
+
+def tiny_config(**overrides) -> BWAreaConfig:
+    fields = dict(vocab_size=520, hidden_size=48, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
+                  num_actions=64, codebook_dim=16, initializer_range=0.1, pad_token_id=512)
+    fields.update(overrides)
+    return BWAreaConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model() -> BWAreaForCausalLM:
+    torch.manual_seed(0)
+    model = BWAreaForCausalLM(tiny_config()).eval()
+    # Larger codebook and action projection so actions visibly change the next token.
+    with torch.no_grad():
+        model.action_codebook.embed.weight.normal_(0, 1.0)
+        model.world_model.action_proj.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_model, released_dir) -> Path:
+    """A bwarea-format checkpoint folder with the fixture's tokenizer (vocab 512 + [PAD])."""
+    out = tmp_path / "tiny-bwarea"
+    tiny_model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(released_dir / name, out / name)
+    return out
