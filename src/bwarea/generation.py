@@ -1,5 +1,675 @@
-"""Generation for BWArea models (placeholder: filled by the generation work)."""
+"""Generation for BWArea models: prefill / decode loop, sampling, action controls, fan-out, exact likelihood.
+
+BWArea as a language model (paper, seed README):
+
+* the inverse dynamics model *understands* the prompt: prompt positions 0..T-2 get its actions;
+* the policy chooses the action at the last prompt position and at every generated position;
+* the world model writes each next token from its (token, action) history.
+
+``generate`` runs that with one prefill (inverse dynamics, policy and world model over the prompt) and then,
+per new token, one policy step and one world-model step over preallocated KV caches. The inverse dynamics
+never runs while decoding. ``prompt_actions="policy"`` gives the released cached generate instead (policy
+actions at every prompt position).
+
+``fanout`` gives the next-token logits under every action; ``lm_log_likelihood`` the exact per-token
+log-likelihood of BWArea as a language model (a logsumexp over the actions). Both run the action-independent
+work once and the world model's upper half (from the action layer on) batched over the actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.utils import ModelOutput
+
+# Keywords transformers' generate takes that mean nothing different here (always cached, no beams).
+_IGNORED_GENERATE_KWARGS = {"use_cache", "output_scores", "output_attentions", "output_hidden_states",
+                            "synced_gpus", "generation_config", "logits_processor", "stopping_criteria"}
 
 
+@dataclass
+class BWAreaGenerateOutput(ModelOutput):
+    """``generate(..., return_dict_in_generate=True)``. N = max_new_tokens, rows = batch * num_return_sequences.
+
+    sequences: (rows, T + N) prompt then new tokens; pad_token_id after EOS or a stop string.
+    actions: (rows, N) long, the action that produced each new token (0 where ``new_token_mask`` is False
+      because generation had stopped for every row).
+    action_logprobs: (rows, N) log softmax of the policy's logits (temperature 1, no action mask) at that action.
+    action_entropy: (rows, N) entropy of the same policy distribution.
+    new_token_mask: (rows, N) bool, True for generated tokens up to and including EOS / the stop string.
+    prompt_actions: (rows, T - 1) the actions at prompt positions 0..T-2 (inverse dynamics or policy).
+    prompt_length: T, the (padded) prompt width.
+    """
+
+    sequences: torch.Tensor | None = None
+    actions: torch.Tensor | None = None
+    action_logprobs: torch.Tensor | None = None
+    action_entropy: torch.Tensor | None = None
+    new_token_mask: torch.Tensor | None = None
+    prompt_actions: torch.Tensor | None = None
+    prompt_length: int | None = None
+
+
+# ----- KV caches --------------------------------------------------------------------------------------------
+class StaticKVCache:
+    """Keys and values of one attention block, preallocated for the whole generation and written in place.
+
+    keys / values: (batch, kv_heads, max_len, head_dim). ``update(k, v)`` (what the model's Attention calls)
+    writes the new positions after the ones held and returns views of everything held so far.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        self.keys = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions, asked to write {start}..{end}")
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class PrefixKVCache:
+    """A shared context's keys/values followed by each query row's own: many action variants, one context.
+
+    keys / values: (batch, kv_heads, prefix, head_dim); the queries come ``copies`` rows per batch row.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, copies: int):
+        self.keys, self.values = (t.repeat_interleave(copies, dim=0) for t in (keys, values))
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+
+
+def _caches(model, trunk, batch: int, max_len: int, layers=None) -> list:
+    """One StaticKVCache per block of ``trunk`` (None for blocks outside ``layers``)."""
+    c, dtype = model.config, model._dtype()
+    device = trunk.embed_tokens.weight.device
+    wanted = range(len(trunk.layers)) if layers is None else layers
+    return [StaticKVCache(batch, c.num_key_value_heads, max_len, c.head_dim, dtype, device) if i in wanted
+            else None for i in range(len(trunk.layers))]
+
+
+# ----- the single-position decode step -------------------------------------------------------------------------
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm without the module call; in float32 one fused op (the same math)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _use_column_major_weights(model) -> None:
+    """On CPU, store the decode path's matrices column-major (the transpose contiguous) in place.
+
+    A one-row product reads every weight once per step; MKL streams a column-major weight about 1.5x faster
+    than a row-major one there, and decoding is bound by that read. The parameters keep their shapes and
+    values, so training, saving (which makes tensors contiguous) and the forward pass are unaffected.
+    """
+    if model.world_model.lm_head.weight.device.type != "cpu":
+        return
+    with torch.no_grad():
+        for trunk in (model.world_model, model.policy):
+            for name, p in trunk.named_parameters():
+                if p.dim() == 2 and "embed_tokens" not in name and p.is_contiguous() and p.shape[1] > 1:
+                    p.data = p.data.t().contiguous().t()
+
+
+class _Decoder:
+    """One position through the policy and the world model, over their StaticKVCaches.
+
+    This is ``Block.forward`` for a single position with the weights read directly: at the model sizes a CPU
+    decodes, module calls and per-step Python objects cost more than the matrix products, so the step is
+    a flat list of tensor ops over (batch, hidden) rows. Numerically it is the block's math; rotary is applied
+    to q and k together as x*cos + roll(x, d/2)*sin_signed (that is rotate_half), and the action injection
+    splits W_dyn [h ; U e_a] into W_h h + (W_a U e_a), the second term tabulated once per action.
+    """
+
+    def __init__(self, model, policy_caches, world_caches, cos, sin, key_bias):
+        """cos, sin (rows, 1, steps, head_dim): rotary of the fed positions; key_bias (rows, 1, 1, cache length)
+        0 / -inf for the cache columns each row may / may not attend to (left padding), or None."""
+        c = model.config
+        self.n_heads, self.n_kv, self.head_dim, self.eps = (c.num_attention_heads, c.num_key_value_heads,
+                                                             c.head_dim, c.rms_norm_eps)
+        world, policy = model.world_model, model.policy
+        self.policy_layers = [self._weights(b, k) for b, k in zip(policy.layers, policy_caches)] \
+            if policy_caches is not None else None
+        self.world_layers = [self._weights(b, k) for b, k in zip(world.layers, world_caches)]
+        self.action_layer = world.action_layer
+        self.policy, self.world = policy, world
+        h = c.hidden_size
+        w_dyn = world.dynamics.weight
+        self.dyn_h = w_dyn[:, :h]
+        with torch.no_grad():
+            projected = world.action_proj(model.action_codebook.embed.weight).to(w_dyn.dtype)
+            self.action_table = F.linear(projected, w_dyn[:, h:])  # (num_actions, hidden)
+        # Rotary for the fed positions: lists of (batch, 1, head_dim) views, one per step.
+        half = self.head_dim // 2
+        sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
+        self.cos = cos.permute(2, 0, 1, 3).unbind(0)
+        self.sin = (sin * sign).permute(2, 0, 1, 3).unbind(0)
+        self.key_bias = key_bias
+        # SDPA's CPU kernel costs several times a plain matmul-softmax-matmul for a few query rows of a batch;
+        # for one row, and on GPUs (one fused kernel launch instead of four), SDPA is the faster.
+        self.plain_attention = cos.device.type == "cpu" and cos.shape[0] > 1
+        self.scale = self.head_dim ** -0.5
+
+    @staticmethod
+    def _weights(block, cache):
+        a, m = block.self_attn, block.mlp
+        # o_proj and down_proj as (in, out) views: they go to addmm, which adds the residual in the same op.
+        return (block.input_layernorm.weight, a.qkv_proj.weight, a.o_proj.weight.t(),
+                block.post_attention_layernorm.weight, m.gate_up_proj.weight, m.down_proj.weight.t(),
+                cache.keys, cache.values)
+
+    def _block(self, x, layer, step, col):
+        ln1, w_qkv, w_o_t, ln2, w_gate_up, w_down_t, keys, values = layer
+        b, nh, nkv = x.shape[0], self.n_heads, self.n_kv
+        qkv = F.linear(_rms(x, ln1, self.eps), w_qkv).view(b, nh + 2 * nkv, self.head_dim)
+        qk = qkv[:, :nh + nkv]
+        qk = torch.addcmul(qk * self.cos[step], qk.roll(self.head_dim // 2, -1), self.sin[step])
+        keys[:, :, col] = qk[:, nh:]
+        values[:, :, col] = qkv[:, nh + nkv:]
+        # The query heads sharing a KV head go in as that head's query rows: grouped-query attention with no
+        # copy of the cache (head h reads KV head h // group, as in the model).
+        y = self._attend(qk[:, :nh].view(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1],
+                         values[:, :, :col + 1], None if self.key_bias is None else self.key_bias[..., :col + 1])
+        x = torch.addmm(x, y.view(b, -1), w_o_t)
+        gate, up = F.linear(_rms(x, ln2, self.eps), w_gate_up).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate) * up, w_down_t)
+
+    def _attend(self, q, k, v, bias):
+        """q (rows, kv_heads, group, d), k / v (rows, kv_heads, keys, d) -> (rows, kv_heads, group, d)."""
+        if not self.plain_attention:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        scores = torch.matmul(q * self.scale, k.transpose(-1, -2))
+        if bias is not None:
+            scores = scores + bias
+        return torch.matmul(scores.softmax(-1), v)
+
+    def policy_step(self, tokens, step, col):
+        """tokens (batch,) at cache column ``col`` -> action logits (batch, num_actions) float32."""
+        x = F.embedding(tokens, self.policy.embed_tokens.weight)
+        for layer in self.policy_layers:
+            x = self._block(x, layer, step, col)
+        return F.linear(_rms(x, self.policy.norm.weight, self.eps), self.policy.head.weight).float()
+
+    def world_step(self, tokens, actions, step, col):
+        """tokens, actions (batch,) at cache column ``col`` -> next-token logits (batch, vocab) float32."""
+        w = self.world
+        x = F.embedding(tokens, w.embed_tokens.weight)
+        for i, layer in enumerate(self.world_layers):
+            if i == self.action_layer:
+                x = self._inject(x, actions)
+            x = self._block(x, layer, step, col)
+        if self.action_layer == len(self.world_layers):
+            x = self._inject(x, actions)
+        return F.linear(_rms(x, w.norm.weight, self.eps), w.lm_head.weight).float()
+
+    def _inject(self, x, actions):
+        mixed = torch.addmm(self.action_table[actions], x, self.dyn_h.t())
+        return x + _rms(mixed, self.world.dynamics_norm.weight, self.eps)
+
+
+# ----- choosing actions and tokens -----------------------------------------------------------------------------
+class _ActionChooser:
+    """The action at each new position: the schedule where it fixes one, else the policy (masked, greedy or
+    sampled at a temperature)."""
+
+    def __init__(self, model, rows, steps, actions, allowed_actions, greedy, temperature, generator,
+                 batch, copies, device):
+        n = model.config.num_actions
+        self.greedy = model.action_greedy if greedy is None else bool(greedy)
+        self.temperature = model.action_temperature if temperature is None else float(temperature)
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"action_temperature must be > 0 when sampling actions, got {self.temperature}")
+        self.generator = generator
+        self.schedule = _action_schedule(actions, n, steps, batch, copies, device)
+        self.allowed = _allowed_mask(allowed_actions, n, batch, copies, device)
+        if self.schedule is not None and self.allowed is not None:
+            fixed = self.schedule >= 0
+            bad = fixed & ~self.allowed.expand(rows, n).gather(1, self.schedule.clamp(min=0))
+            if bool(bad.any()):
+                row, step = (int(v) for v in bad.nonzero()[0])
+                raise ValueError(f"actions fixes action {int(self.schedule[row, step])} at step {step} (row {row}) "
+                                 "but allowed_actions forbids it")
+        # Per step: does the schedule fix every row / no row? (Python lists: no device sync while decoding.)
+        if self.schedule is None:
+            self.all_fixed = self.none_fixed = None
+        else:
+            fixed = (self.schedule >= 0).cpu()
+            self.all_fixed, self.none_fixed = fixed.all(0).tolist(), (~fixed).all(0).tolist()
+
+    @property
+    def needs_policy(self) -> bool:
+        return self.all_fixed is None or not all(self.all_fixed)
+
+    def sample(self, logits):
+        """logits (..., num_actions) -> (...) argmax, or a sample at the action temperature (no mask, no schedule)."""
+        if self.greedy:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.reshape(-1, logits.shape[-1]) / self.temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).view(logits.shape[:-1])
+
+    def __call__(self, logits, step):
+        """logits (rows, num_actions) or None (when the schedule fixes every row) -> actions (rows,)."""
+        if self.all_fixed is not None and self.all_fixed[step]:
+            return self.schedule[:, step]
+        chosen = self.sample(logits if self.allowed is None else logits.masked_fill(~self.allowed, float("-inf")))
+        if self.all_fixed is not None and not self.none_fixed[step]:
+            fixed = self.schedule[:, step]
+            chosen = torch.where(fixed >= 0, fixed, chosen)
+        return chosen
+
+
+def _action_schedule(actions, n, steps, batch, copies, device):
+    """int / (steps,) / (batch, steps) with -1 = policy -> (batch*copies, steps) long, or None."""
+    if actions is None:
+        return None
+    if isinstance(actions, bool):
+        raise ValueError("actions must be an int, a list or a tensor of action indices, not a bool")
+    if isinstance(actions, int):
+        if not 0 <= actions < n:
+            raise ValueError(f"actions={actions} is outside [0, {n})")
+        return torch.full((batch * copies, steps), actions, dtype=torch.long, device=device)
+    schedule = torch.as_tensor(actions, device=device)
+    if schedule.dtype.is_floating_point or schedule.dtype == torch.bool:
+        raise ValueError(f"actions must hold integer action indices, got dtype {schedule.dtype}")
+    schedule = schedule.long()
+    if schedule.dim() == 1:
+        schedule = schedule.expand(batch, -1)
+    if schedule.dim() != 2 or schedule.shape[0] != batch or schedule.shape[1] != steps:
+        raise ValueError(f"actions schedule has shape {tuple(torch.as_tensor(actions).shape)}; give "
+                         f"max_new_tokens={steps} entries, as ({steps},) or (batch={batch}, {steps})")
+    if steps and (int(schedule.min()) < -1 or int(schedule.max()) >= n):
+        bad = int(schedule.min()) if int(schedule.min()) < -1 else int(schedule.max())
+        raise ValueError(f"actions schedule holds {bad}: entries must be -1 (policy) or in [0, {n})")
+    return schedule.repeat_interleave(copies, dim=0)
+
+
+def _allowed_mask(allowed, n, batch, copies, device):
+    """list of ints / bool (n,) / bool (batch, n) -> bool (1 or batch*copies, n), or None."""
+    if allowed is None:
+        return None
+    mask = torch.as_tensor(allowed, device=device)
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_floating_point or mask.dim() != 1:
+            raise ValueError("allowed_actions must be a list of action indices or a bool mask (num_actions,) "
+                             "or (batch, num_actions)")
+        if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= n):
+            raise ValueError(f"allowed_actions holds an action outside [0, {n})")
+        ids = mask.long()
+        mask = torch.zeros(n, dtype=torch.bool, device=device)
+        mask[ids] = True
+    if mask.shape[-1] != n or mask.dim() > 2 or (mask.dim() == 2 and mask.shape[0] != batch):
+        raise ValueError(f"allowed_actions mask has shape {tuple(mask.shape)}; expected ({n},) or ({batch}, {n})")
+    mask = mask.view(-1, n)
+    if not bool(mask.any(-1).all()):
+        raise ValueError("allowed_actions allows no action (for at least one row): allow at least one")
+    return mask if mask.shape[0] == 1 else mask.repeat_interleave(copies, dim=0)
+
+
+class _TokenChooser:
+    """transformers' order: min_new_tokens (EOS barred), repetition penalty, then greedy or temperature,
+    top-k, top-p and a sample."""
+
+    def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, eos, generator):
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        if not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, float(temperature), top_k or None, top_p
+        self.penalty, self.min_new_tokens, self.eos, self.generator = (
+            float(repetition_penalty), min_new_tokens, eos, generator)
+
+    def __call__(self, logits, step, seen):
+        """logits (rows, vocab) float32 (changed in place), seen (rows, vocab) bool or None -> tokens (rows,)."""
+        if step < self.min_new_tokens and self.eos is not None:
+            logits[:, self.eos] = float("-inf")
+        if self.penalty != 1.0:
+            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
+            logits = torch.where(seen, penalised, logits)
+        if not self.do_sample:
+            return logits.argmax(-1)
+        logits = logits / self.temperature
+        if self.top_k is not None and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            # Drop a token once the tokens before it already hold top_p of the mass (the first always stays).
+            drop = (probs.cumsum(-1) - probs) > self.top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=self.generator).squeeze(1)
+
+
+class _StopStrings:
+    """Stops a row when its generated text (not the prompt) contains one of the strings."""
+
+    def __init__(self, stop_strings, tokenizer):
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if tokenizer is None:
+            raise ValueError("stop_strings needs tokenizer= to read the generated text")
+        if not stop_strings or any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ValueError("stop_strings must be a non-empty string or a list of non-empty strings")
+        self.strings, self.tokenizer = list(stop_strings), tokenizer
+        # A stop string of c characters lies within its last few tokens; byte-level pieces can hold part of a
+        # character, so look back generously.
+        self.window = 4 * max(len(s) for s in self.strings) + 4
+
+    def hits(self, new_tokens, alive) -> list[int]:
+        """new_tokens (rows, steps so far) on CPU, alive: list of bools -> rows whose text now holds a string."""
+        rows = []
+        for r, live in enumerate(alive):
+            if live:
+                text = self.tokenizer.decode(new_tokens[r, -self.window:].tolist(), skip_special_tokens=False)
+                if any(s in text for s in self.strings):
+                    rows.append(r)
+        return rows
+
+
+# ----- the mixin --------------------------------------------------------------------------------------------
 class BWAreaGenerationMixin:
-    pass
+    """``generate``, ``fanout`` and ``lm_log_likelihood`` for ``BWAreaForCausalLM``."""
+
+    def generate(self, input_ids=None, attention_mask=None, *, max_new_tokens=20, min_new_tokens=0,
+                 do_sample=False, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
+                 eos_token_id=None, pad_token_id=None, num_return_sequences=1, streamer=None, stop_strings=None,
+                 tokenizer=None, return_dict_in_generate=False, prompt_actions="inverse", actions=None,
+                 allowed_actions=None, action_greedy=None, action_temperature=None, step_callback=None,
+                 generator=None, **kwargs):
+        """Generate ``max_new_tokens`` tokens after a LEFT-padded batch of prompts.
+
+        input_ids (batch, T), attention_mask (batch, T) or None -> LongTensor (batch * num_return_sequences,
+        T + max_new_tokens), or a ``BWAreaGenerateOutput`` with ``return_dict_in_generate=True``.
+
+        Prompt actions: ``"inverse"`` (default) labels positions 0..T-2 with the inverse dynamics model;
+        ``"policy"`` uses the policy there too (the released cached generate). The policy chooses the action at
+        T-1 and at every new position; ``actions`` overrides it (an int for every new position, or a schedule
+        (N,) / (batch, N) where -1 lets the policy choose), ``allowed_actions`` masks it (action ids, or a bool
+        mask (num_actions,) / (batch, num_actions)), ``action_greedy`` / ``action_temperature`` override
+        ``set_action_sampling``. Tokens: greedy, or with ``do_sample`` a sample after ``temperature``,
+        ``top_k``, ``top_p``; ``repetition_penalty`` and ``min_new_tokens`` as in transformers. A row stops at
+        ``eos_token_id`` (config's by default) or when its new text contains one of ``stop_strings`` (needs
+        ``tokenizer``); its later tokens are ``pad_token_id``. ``streamer.put`` gets the prompt, then each
+        step's tokens (rows,); ``step_callback(step, tokens, actions)`` runs after every step and stops
+        generation by returning True. Each step appends its (rows, 1) actions to ``get_action_info()``.
+        """
+        ignored = {k for k, v in kwargs.items() if k in _IGNORED_GENERATE_KWARGS or (k == "num_beams" and v == 1)}
+        unknown = sorted(set(kwargs) - ignored)
+        if unknown:
+            raise TypeError(f"generate got unexpected arguments {unknown}")
+        if input_ids is None:
+            raise ValueError("generate needs input_ids (batch, seq)")
+        input_ids, attention_mask = self._prompt(input_ids, attention_mask)
+        for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
+                            ("num_return_sequences", num_return_sequences)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name[0] == "n" else 0):
+                raise ValueError(f"{name} must be an int >= {1 if name[0] == 'n' else 0}, got {value!r}")
+        if min_new_tokens > max_new_tokens:
+            raise ValueError(f"min_new_tokens={min_new_tokens} exceeds max_new_tokens={max_new_tokens}")
+        if prompt_actions not in ("inverse", "policy"):
+            raise ValueError(f"prompt_actions must be 'inverse' or 'policy', got {prompt_actions!r}")
+        batch, width = input_ids.shape
+        if width + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt length {width} + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_position_embeddings {self.config.max_position_embeddings}")
+        eos = _token_list(getattr(self.config, "eos_token_id", None) if eos_token_id is None else eos_token_id,
+                          "eos_token_id")
+        if pad_token_id is None:
+            pad_token_id = getattr(self.config, "pad_token_id", None)
+            pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        device, copies, steps = input_ids.device, num_return_sequences, max_new_tokens
+        rows = batch * copies
+        chooser = _ActionChooser(self, rows, steps, actions, allowed_actions, action_greedy, action_temperature,
+                                 generator, batch, copies, device)
+        sampler = _TokenChooser(do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens,
+                                eos or None, generator)
+        stops = None if stop_strings is None else _StopStrings(stop_strings, tokenizer)
+        if copies > 1:
+            input_ids = input_ids.repeat_interleave(copies, dim=0)
+            attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(copies, dim=0)
+
+        with torch.no_grad():
+            _use_column_major_weights(self)
+            return self._generate(input_ids, attention_mask, steps, chooser, sampler, stops, eos, pad_token_id,
+                                  streamer, step_callback, prompt_actions, return_dict_in_generate)
+
+    def _prompt(self, input_ids, attention_mask):
+        """Validate a prompt batch; an empty prompt starts from BOS; an all-ones mask becomes None."""
+        if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            bos = getattr(self.config, "bos_token_id", None)
+            if bos is None:
+                raise ValueError("input_ids is empty and the config has no bos_token_id to start from")
+            input_ids = torch.full((input_ids.shape[0], 1), bos, dtype=torch.long,
+                                   device=input_ids.device)
+            attention_mask = None
+        self._check_inputs(input_ids, attention_mask)
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids has no rows")
+        if attention_mask is None:
+            return input_ids.long(), None
+        valid = attention_mask.to(device=input_ids.device).bool()
+        if not bool(valid.any(-1).all()):
+            raise ValueError("attention_mask has a row with no tokens: every prompt needs at least one")
+        if bool((valid[:, 1:] < valid[:, :-1]).any()):
+            raise ValueError("attention_mask is not left-padded (a 0 follows a 1): generate needs padding on the "
+                             "left; set tokenizer.padding_side = 'left'")
+        return input_ids.long(), None if bool(valid.all()) else valid.long()
+
+    def _generate(self, input_ids, attention_mask, steps, chooser, sampler, stops, eos, pad,
+                  streamer, step_callback, prompt_actions, return_dict):
+        rows, width = input_ids.shape
+        device = input_ids.device
+        sequences = torch.full((rows, width + steps), pad, dtype=torch.long, device=device)
+        sequences[:, :width] = input_ids
+        out_actions = torch.zeros(rows, steps, dtype=torch.long, device=device)
+        logprobs = torch.zeros(rows, steps, device=device)
+        entropy = torch.zeros(rows, steps, device=device)
+        new_mask = torch.zeros(rows, steps, dtype=torch.bool, device=device)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        if steps == 0:
+            prompt_acts = (self.infer_actions(input_ids, attention_mask)[0] if prompt_actions == "inverse"
+                           else chooser.sample(self.policy_logits(input_ids, attention_mask)))[:, :-1]
+            if streamer is not None:
+                streamer.end()
+            return self._finish(sequences, out_actions, logprobs, entropy, new_mask, prompt_acts, width, return_dict)
+
+        run_policy = chooser.needs_policy or return_dict or prompt_actions == "policy"
+        length = width + steps
+        policy_caches = _caches(self, self.policy, rows, length) if run_policy else None
+        world_caches = _caches(self, self.world_model, rows, length)
+        dtype = self._dtype()
+        cos, sin, mask = self.positions_and_mask(attention_mask, rows, width, device, dtype)
+
+        # Prefill: actions for the prompt, the policy's choice at T-1, the world model over the prompt.
+        policy_logits = self.policy(input_ids, cos, sin, mask, policy_caches) if run_policy else None
+        if prompt_actions == "inverse":
+            prompt_acts = self.infer_actions(input_ids, attention_mask)[0][:, :-1]
+        else:
+            prompt_acts = chooser.sample(policy_logits[:, :-1])
+        last = None if policy_logits is None else policy_logits[:, -1]
+        action = chooser(last, 0)
+        vectors = self.action_codebook(torch.cat([prompt_acts, action[:, None]], dim=1))
+        hidden = self.world_model(input_ids, vectors, cos, sin, mask, world_caches)
+        logits = self.world_model.lm_head(hidden[:, -1]).float()
+
+        # Decode: positions of the fed tokens, and which cache columns each row may attend to.
+        valid_len = width if attention_mask is None else attention_mask.sum(-1, keepdim=True)
+        positions = valid_len + torch.arange(steps - 1, device=device).expand(rows, -1)
+        step_cos, step_sin = self.rotary(positions, dtype)
+        key_bias = None
+        if attention_mask is not None:
+            key_bias = torch.zeros(rows, 1, 1, length, dtype=dtype, device=device)
+            key_bias[:, 0, 0, :width].masked_fill_(~attention_mask.bool(), float("-inf"))
+        decoder = _Decoder(self, policy_caches, world_caches, step_cos, step_sin, key_bias)
+
+        seen = None
+        if sampler.penalty != 1.0:
+            counts = torch.zeros(rows, self.config.vocab_size, dtype=torch.long, device=device)
+            counts.scatter_add_(1, input_ids, torch.ones_like(input_ids) if attention_mask is None else attention_mask)
+            seen = counts > 0
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        eos_ids = torch.tensor(eos, device=device) if eos else None
+        stoppable = eos_ids is not None or stops is not None
+        info = self.action_info["action_idx"]
+        done_steps = steps
+        for step in range(steps):
+            if step > 0:
+                col = width + step - 1
+                fed = sequences[:, col]
+                policy_logits = decoder.policy_step(fed, step - 1, col) if run_policy else None
+                action = chooser(policy_logits, step)
+                logits = decoder.world_step(fed, action, step - 1, col)
+            else:
+                policy_logits = last
+            token = sampler(logits, step, seen)
+            if stoppable:
+                token = token.masked_fill(finished, pad)
+                new_mask[:, step] = ~finished
+            else:
+                new_mask[:, step] = True
+            sequences[:, width + step] = token
+            out_actions[:, step] = action
+            info.append(action[:, None])
+            if return_dict:
+                logp = torch.log_softmax(policy_logits, dim=-1)
+                logprobs[:, step] = logp.gather(1, action[:, None]).squeeze(1)
+                entropy[:, step] = -(logp.exp() * logp).sum(-1)
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            stop = step_callback is not None and bool(step_callback(step, token, action))
+            if stoppable:
+                if eos_ids is not None:
+                    finished |= torch.isin(token, eos_ids)
+                if stops is not None:
+                    hit = stops.hits(sequences[:, width:width + step + 1].cpu(), (~finished).tolist())
+                    finished[hit] = True
+                stop = stop or bool(finished.all())
+            if stop:
+                done_steps = step + 1
+                break
+        # Rows past a stop hold padding; the action record keeps one (rows, 1) entry per new column.
+        for _ in range(done_steps, steps):
+            info.append(torch.zeros(rows, 1, dtype=torch.long, device=device))
+        if streamer is not None:
+            streamer.end()
+        return self._finish(sequences, out_actions, logprobs, entropy, new_mask, prompt_acts, width, return_dict)
+
+    @staticmethod
+    def _finish(sequences, actions, logprobs, entropy, new_mask, prompt_acts, width, return_dict):
+        if not return_dict:
+            return sequences
+        return BWAreaGenerateOutput(sequences=sequences, actions=actions, action_logprobs=logprobs,
+                                    action_entropy=entropy, new_token_mask=new_mask, prompt_actions=prompt_acts,
+                                    prompt_length=width)
+
+    # ----- every action at once -----------------------------------------------------------------------------
+    def _understood(self, input_ids, attention_mask):
+        """The action-independent work: the world model's lower half over the context, and its upper half
+        under the inverse-dynamics actions with the upper blocks' keys/values kept.
+
+        -> (lower hidden (batch, T, hidden), upper-block caches, cos, sin, bool validity (batch, T))
+        """
+        self._check_inputs(input_ids, attention_mask)
+        batch, width = input_ids.shape
+        if attention_mask is not None and bool(attention_mask.bool().all()):
+            attention_mask = None
+        w = self.world_model
+        cos, sin, mask = self.positions_and_mask(attention_mask, batch, width, input_ids.device, self._dtype())
+        inverse = self.infer_actions(input_ids, attention_mask)[0]
+        lower = w.run(w.embed_tokens(input_ids), cos, sin, mask, None, 0, w.action_layer)
+        caches = _caches(self, w, batch, width, range(w.action_layer, len(w.layers)))
+        w.run(w.inject(lower, self.action_codebook(inverse)), cos, sin, mask, caches, w.action_layer)
+        valid = torch.ones(batch, width, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
+            else attention_mask.bool()
+        return lower, caches, cos, sin, valid
+
+    def _upper_half_over_actions(self, x, caches, prefix, copies, cos, sin, mask):
+        """Queries x (rows, q, hidden), already carrying their actions, through the upper blocks; each attends to
+        the first ``prefix`` cached context positions (shared, ``copies`` query rows per batch row) and to
+        itself as ``mask`` (rows, 1, q, prefix + q) says. -> logits (rows, q, vocab) float32."""
+        w = self.world_model
+        kv = [None if c is None else PrefixKVCache(c.keys[:, :, :prefix], c.values[:, :, :prefix], copies)
+              for c in caches]
+        h = w.norm(w.run(x, cos, sin, mask, kv, w.action_layer))
+        return w.lm_head(h).float()
+
+    def fanout(self, input_ids, attention_mask=None):
+        """Next-token logits under every action, for a context the inverse dynamics model understands.
+
+        input_ids, attention_mask (batch, T), left-padded -> logits (batch, num_actions, vocab) float32: row a
+        is ``model(input_ids, attention_mask, action_idx=[inverse actions 0..T-2, a]).logits[:, -1]``. The lower
+        half and the context run once; only the last position's upper half runs per action, batched.
+        """
+        if attention_mask is not None and torch.is_tensor(input_ids) and attention_mask.shape == input_ids.shape \
+                and not bool(attention_mask[:, -1].bool().all()):
+            raise ValueError("fanout reads the last position, which is padding in some row: pad on the left")
+        lower, caches, cos, sin, valid = self._understood(input_ids, attention_mask)
+        batch, width = input_ids.shape
+        n = self.config.num_actions
+        x = self.world_model.inject(lower[:, -1:].expand(batch, n, -1), self.action_codebook.embed.weight[None])
+        # Each action's query sees the context before T-1 and its own key, not the other actions'.
+        eye = torch.eye(n, dtype=torch.bool, device=input_ids.device).expand(batch, n, n)
+        mask = torch.cat([valid[:, None, :width - 1].expand(batch, n, width - 1), eye], dim=2)[:, None]
+        last_cos, last_sin = (t[:, :, -1:].expand(batch, 1, n, t.shape[-1]) for t in (cos, sin))
+        return self._upper_half_over_actions(x, caches, width - 1, 1, last_cos, last_sin, mask)
+
+    def lm_log_likelihood(self, input_ids, attention_mask=None, actions_per_chunk=None):
+        """Exact log p(x_{t+1} | x_<=t) of BWArea as a language model.
+
+        input_ids, attention_mask (batch, T), left-padded -> (batch, T-1) float32, entry t =
+        logsumexp_a [log pi(a | x_<=t) + log p_world(x_{t+1} | x_<=t, inverse-dynamics actions before t, a)].
+        Entries whose target or context token is padding are 0. The upper half runs for every (position,
+        action) pair, ``actions_per_chunk`` actions at a time (default: about 64M logits per chunk).
+        Wrap in ``torch.no_grad()`` for evaluation.
+        """
+        lower, caches, cos, sin, valid = self._understood(input_ids, attention_mask)
+        batch, width = input_ids.shape
+        n, vocab = self.config.num_actions, self.config.vocab_size
+        device = input_ids.device
+        log_pi = torch.log_softmax(self.policy_logits(input_ids, attention_mask), dim=-1)  # (batch, T, n)
+        targets = input_ids[:, 1:]
+        chunk = actions_per_chunk or max(1, min(n, (64 << 20) // max(1, batch * width * vocab)))
+        # Position t's query sees the context strictly before t, and its own key (action a at t).
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril(-1)
+        eye = torch.eye(width, dtype=torch.bool, device=device)
+        world_lp = []
+        for start in range(0, n, chunk):
+            acts = torch.arange(start, min(n, start + chunk), device=device)
+            c = len(acts)
+            mask = torch.cat([causal & valid[:, None, :], eye.expand(batch, width, width)], dim=2)
+            mask = mask.repeat_interleave(c, dim=0)[:, None]
+            vectors = self.action_codebook(acts).repeat(batch, 1)[:, None]  # (batch*c, 1, dim): batch-major, action inner
+            x = self.world_model.inject(lower.repeat_interleave(c, dim=0), vectors)
+            rep = (cos.repeat_interleave(c, dim=0), sin.repeat_interleave(c, dim=0))
+            logits = self._upper_half_over_actions(x, caches, width, c, *rep, mask)[:, :-1]
+            target_logit = logits.gather(-1, targets.repeat_interleave(c, dim=0)[..., None]).squeeze(-1)
+            world_lp.append((target_logit - logits.logsumexp(-1)).view(batch, c, width - 1))
+        world_lp = torch.cat(world_lp, dim=1)  # (batch, n, T-1)
+        ll = torch.logsumexp(log_pi[:, :-1].transpose(1, 2) + world_lp, dim=1)
+        return ll.masked_fill(~(valid[:, 1:] & valid[:, :-1]), 0.0)
+
+
+def _token_list(value, name) -> list[int]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, int) else list(value.tolist() if torch.is_tensor(value) else value)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
+    return values

@@ -1,0 +1,263 @@
+"""Generation speed: BWArea's cached decoding against transformers' LlamaForCausalLM.generate, and the fan-out.
+
+Setup (the issue's): a random-weight BWArea of hidden 256 (8 world-model layers, 4 inverse, 8 policy), 8 heads,
+4 KV heads, intermediate 688, vocab 4096, float32, 2 threads; a 32-token prompt, 128 new tokens forced with
+min_new_tokens, greedy tokens and greedy actions, batch 1 and 8. The comparison is transformers'
+LlamaForCausalLM.generate with world+policy layers (16: the same per-token compute as BWArea's decode step)
+and with world layers only (8). Runs are interleaved and repeated; the table reports medians, because a
+shared machine's absolute times drift. Targets: BWArea / Llama-16 <= 0.5 at batch 1, <= 0.6 at batch 8;
+fan-out over 64 actions at a 128-token context >= 30x faster than 64 separate forward passes.
+
+Examples:
+  python benchmarks/bench_generation.py                                  # CPU, the issue's setup
+  python benchmarks/bench_generation.py --repeats 9 --batch 1            # more repeats, batch 1 only
+  python benchmarks/bench_generation.py --device cuda --dtype bfloat16 --shape tinyllama   # 1.1B shape on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from bwarea import BWAreaConfig, BWAreaForCausalLM
+
+SHAPES = {
+    "bench": dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=8, inverse_layers=4,
+                  policy_layers=8, num_attention_heads=8, num_key_value_heads=4),
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      inverse_layers=11, policy_layers=22, num_attention_heads=32, num_key_value_heads=4),
+}
+# HBM bandwidth of the GPUs this runs on, GB/s (vendor figures), to put the achieved number in context.
+PEAK_BANDWIDTH_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_models(shape: str, dtype, device, max_len: int) -> dict:
+    """-> {"BWArea": model, "Llama-<W+P>": model, "Llama-<W>": model}, random weights, eval mode."""
+    s = SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device(device):
+        bwarea = BWAreaForCausalLM(BWAreaConfig(**s, max_position_embeddings=max_len))
+    models = {"BWArea": bwarea.to(dtype).eval()}
+    for layers in (s["num_hidden_layers"] + s["policy_layers"], s["num_hidden_layers"]):
+        config = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                             intermediate_size=s["intermediate_size"], num_hidden_layers=layers,
+                             num_attention_heads=s["num_attention_heads"],
+                             num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=max_len)
+        with torch.device(device):
+            models[f"Llama-{layers}"] = LlamaForCausalLM(config).to(dtype).eval()
+    return models
+
+
+def generate(name, model, ids, new_tokens):
+    if name == "BWArea":
+        return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, action_greedy=True)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def decode_weight_bytes(model: BWAreaForCausalLM) -> int:
+    """Bytes of weights one decode step reads: the policy and world-model trunks (one embedding row each)."""
+    total = 0
+    for trunk in (model.policy, model.world_model):
+        for name, p in trunk.named_parameters():
+            rows = 1 if "embed_tokens" in name else p.shape[0]
+            total += rows * p[0].numel() * p.element_size() if p.dim() > 1 else p.numel() * p.element_size()
+    return total
+
+
+def bench_generation(models, args, device) -> list[dict]:
+    rows = []
+    for batch in args.batch:
+        ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt), device=device)
+        with torch.inference_mode():
+            for name, model in models.items():  # warm-up: first calls pay for kernel and allocator set-up
+                for _ in range(2):
+                    generate(name, model, ids, 8)
+            full, prefill = {n: [] for n in models}, {n: [] for n in models}
+            names = list(models)
+            for r in range(args.repeats):
+                order = names[r % len(names):] + names[:r % len(names)]  # rotate so no model always runs first
+                for name in order:
+                    full[name].append(timed(lambda: generate(name, models[name], ids, args.new), device))
+                    prefill[name].append(timed(lambda: generate(name, models[name], ids, 1), device))
+        for name in names:
+            total, first = statistics.median(full[name]), statistics.median(prefill[name])
+            rows.append(dict(batch=batch, model=name, seconds=total, ms_per_token=1e3 * total / args.new,
+                             tokens_per_s=batch * args.new / total, prefill_ms=1e3 * first,
+                             decode_step_ms=1e3 * (total - first) / (args.new - 1), runs=full[name]))
+        base = {r["model"]: r["seconds"] for r in rows if r["batch"] == batch}
+        for r in rows:
+            if r["batch"] == batch:
+                r.update({f"ratio_vs_{n}": r["seconds"] / base[n] for n in names[1:]})
+    return rows
+
+
+def peak_memory(models, args, device, rows) -> None:
+    """Peak memory of one full generate per (model, batch): CUDA allocator peak, or on CPU the peak RSS growth of
+    a fresh process (weights excluded), since CPU tensors have no allocator statistics."""
+    for r in rows:
+        if device.type == "cuda":
+            ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (r["batch"], args.prompt), device=device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            with torch.inference_mode():
+                generate(r["model"], models[r["model"]], ids, args.new)
+            r["peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            r["peak_mb_note"] = "CUDA allocator peak during generate, above the weights"
+        else:
+            probe = [sys.executable, __file__, "--probe", r["model"], str(r["batch"]), "--shape", args.shape,
+                     "--dtype", args.dtype, "--prompt", str(args.prompt), "--new", str(args.new),
+                     "--threads", str(args.threads)]
+            out = subprocess.run(probe, capture_output=True, text=True, check=True)
+            r["peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mb"]
+            r["peak_mb_note"] = "peak RSS growth of a fresh process during generate, above the weights"
+
+
+def memory_probe(args) -> None:
+    """--probe MODEL BATCH: build, warm up at batch 1 with 2 tokens, then report the peak RSS growth of one run."""
+    device = torch.device("cpu")
+    models = build_models(args.shape, DTYPES[args.dtype], device, args.prompt + args.new + 8)
+    name, batch = args.probe[0], int(args.probe[1])
+    model = models[name]
+    for other in [n for n in models if n != name]:
+        del models[other]
+    ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt))
+    with torch.inference_mode():
+        generate(name, model, ids[:1], 2)
+        before = _rss_mb()
+        generate(name, model, ids, args.new)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_growth_mb": max(0.0, peak - before)}))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_fanout(model, args, device) -> dict:
+    """fanout over every action at a --fanout-context context, against one forward pass per action."""
+    n = model.config.num_actions
+    ids = torch.randint(3, model.config.vocab_size, (1, args.fanout_context), device=device)
+    with torch.inference_mode():
+        inverse = model.infer_actions(ids)[0][:, :-1]
+
+        def separate():
+            for a in range(n):
+                model(ids, action_idx=torch.cat([inverse, torch.full_like(inverse[:, :1], a)], dim=1))
+
+        model.fanout(ids)
+        separate()
+        fan = [timed(lambda: model.fanout(ids), device) for _ in range(args.repeats)]
+        sep = [timed(separate, device) for _ in range(max(1, args.repeats // 2))]
+    return dict(context=args.fanout_context, actions=n, fanout_ms=1e3 * statistics.median(fan),
+                separate_ms=1e3 * statistics.median(sep), speedup=statistics.median(sep) / statistics.median(fan))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("Examples:")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--shape", default="bench", choices=sorted(SHAPES))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new", type=int, default=128, help="new tokens, forced with min_new_tokens")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per model (median kept)")
+    parser.add_argument("--fanout-context", type=int, default=128)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON output (default benchmarks/results/generation-<shape>-<device>.json)")
+    parser.add_argument("--probe", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        return memory_probe(args)
+    if args.new < 2:
+        parser.error("--new must be at least 2")
+    device = torch.device(args.device)
+    models = build_models(args.shape, DTYPES[args.dtype], device, args.prompt + args.new + 8)
+    rows = bench_generation(models, args, device)
+    if not args.no_memory:
+        peak_memory(models, args, device, rows)
+    fan = bench_fanout(models["BWArea"], args, device)
+    bw = models["BWArea"]
+    weight_bytes = decode_weight_bytes(bw)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    peak_bw = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in device_name), None)
+    for r in rows:
+        if r["model"] == "BWArea":
+            r["achieved_weight_bandwidth_gbs"] = weight_bytes / (r["decode_step_ms"] / 1e3) / 1e9
+            if peak_bw:
+                r["fraction_of_peak_bandwidth"] = r["achieved_weight_bandwidth_gbs"] / peak_bw
+    llama_big = [n for n in models if n.startswith("Llama")][0]
+    targets = {1: 0.5, 8: 0.6}
+    report = dict(
+        setup=dict(shape=args.shape, **SHAPES[args.shape], dtype=args.dtype, device=device_name,
+                   threads=args.threads, prompt=args.prompt, new_tokens=args.new, repeats=args.repeats,
+                   decode_weight_mb=weight_bytes / 2**20, peak_bandwidth_gbs=peak_bw,
+                   torch=torch.__version__, transformers=transformers.__version__),
+        generation=rows, fanout=fan,
+        targets={f"batch {b}: BWArea / {llama_big} <= {t}": next(
+            (r[f"ratio_vs_{llama_big}"] <= t for r in rows if r["model"] == "BWArea" and r["batch"] == b), None)
+            for b, t in targets.items()} | {"fanout speedup >= 30": fan["speedup"] >= 30})
+    print_table(report, llama_big)
+    out = args.out or Path(__file__).parent / "results" / f"generation-{args.shape}-{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def print_table(report, llama_big) -> None:
+    s = report["setup"]
+    print(f"{s['shape']} shape, {s['dtype']}, {s['device']}, {s['threads']} threads; prompt {s['prompt']}, "
+          f"{s['new_tokens']} new tokens, median of {s['repeats']}")
+    names = [k for k in report["generation"][0] if k.startswith("ratio_vs_")]
+    head = f"{'batch':>5} {'model':<10} {'total s':>8} {'ms/tok':>7} {'tok/s':>8} {'prefill ms':>10} " \
+           f"{'step ms':>8} {'peak MB':>8} " + " ".join(f"{'/' + n[9:]:>10}" for n in names)
+    print(head)
+    for r in report["generation"]:
+        peak = f"{r['peak_mb']:8.1f}" if "peak_mb" in r else f"{'-':>8}"
+        print(f"{r['batch']:>5} {r['model']:<10} {r['seconds']:8.3f} {r['ms_per_token']:7.2f} {r['tokens_per_s']:8.1f} "
+              f"{r['prefill_ms']:10.1f} {r['decode_step_ms']:8.2f} {peak} "
+              + " ".join(f"{r[n]:10.3f}" for n in names))
+    for r in report["generation"]:
+        if "achieved_weight_bandwidth_gbs" in r:
+            extra = f" ({100 * r['fraction_of_peak_bandwidth']:.0f}% of {s['peak_bandwidth_gbs']} GB/s)" \
+                if "fraction_of_peak_bandwidth" in r else ""
+            print(f"batch {r['batch']}: decode reads {s['decode_weight_mb']:.0f} MB of weights per step: "
+                  f"{r['achieved_weight_bandwidth_gbs']:.1f} GB/s{extra}")
+    f = report["fanout"]
+    print(f"fanout over {f['actions']} actions at context {f['context']}: {f['fanout_ms']:.1f} ms vs "
+          f"{f['separate_ms']:.1f} ms for separate passes: {f['speedup']:.1f}x")
+    for name, ok in report["targets"].items():
+        print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+
+
+if __name__ == "__main__":
+    main()

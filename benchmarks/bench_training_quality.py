@@ -1,0 +1,150 @@
+"""Training quality: BWArea against a plain Llama of the world model's shape, same data, tokens and settings.
+
+    python benchmarks/bench_training_quality.py --data corpus.txt --val-data heldout.txt   # train, then compare
+    python benchmarks/bench_training_quality.py --runs runs/default-model --data heldout/  # compare finished runs
+
+Training mode runs, in this process: tokenizer, stage 1, the Llama baseline, BC (inverse targets) and a short BC
+on the world model's posterior. Runs mode reads the folders s1, llama, bc and (if present) bc-posterior under
+--runs (scripts/train_default_model.sh writes them). Both evaluate on the held-out --data / --val-data and write
+a table (.md) and JSON with the targets:
+
+    lm_ppl <= 1.10 x baseline ppl      id_ppl < baseline ppl      codes_used >= 48, code_perplexity >= 24
+    BC accuracy reported               stage-1 tokens/s >= 0.6 x the baseline's (stage 1 runs 1.5x the layers)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from bwarea.evaluate import evaluate
+from bwarea.tokenizer_train import train_tokenizer
+from bwarea.train import BaselineStage, BCConfig, BCStage, PretrainConfig, PretrainStage, train
+
+
+def throughput(run: Path) -> float:
+    """Median training tokens/s of a run, leaving out its first logged window (warm-up)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in records if r["split"] == "train"]
+    return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def train_runs(args, runs: Path) -> None:
+    """Train the four runs under ``runs`` with the same data, tokens and world-model shape."""
+    tokenizer = runs / "tokenizer"
+    train_tokenizer(args.data, args.vocab_size, tokenizer)
+    shape = dict(hidden_size=args.hidden_size, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                 intermediate_size=args.intermediate_size)
+    common = dict(data=args.data, val_data=args.val_data, tokenizer=str(tokenizer), block_size=args.block_size,
+                  batch_size=args.batch_size, warmup_steps=min(100, args.steps // 10), log_every=args.log_every,
+                  save_every=10**9, eval_blocks=args.eval_blocks, cache_dir=str(runs / "cache"), overwrite=True,
+                  lr=args.lr, seed=args.seed)
+    train(PretrainStage(), PretrainConfig(out=str(runs / "s1"), max_steps=args.steps, **shape, **common))
+    train(BaselineStage(), PretrainConfig(out=str(runs / "llama"), max_steps=args.steps, **shape, **common))
+    common.pop("tokenizer")
+    train(BCStage(), BCConfig(out=str(runs / "bc"), model=str(runs / "s1"), max_steps=args.bc_steps,
+                              policy_init="world", **common))
+    if args.posterior_steps:
+        common.update(lr=args.lr / 4, warmup_steps=min(20, args.posterior_steps // 10))
+        train(BCStage(), BCConfig(out=str(runs / "bc-posterior"), model=str(runs / "bc"),
+                                  max_steps=args.posterior_steps, policy_init="keep", targets="posterior", **common))
+
+
+def compare(runs: Path, data, max_blocks: int | None) -> dict:
+    """Evaluate the finished runs on held-out ``data`` -> the result row with ratios and target checks."""
+    final = runs / "bc-posterior" if (runs / "bc-posterior" / "model.safetensors").is_file() else runs / "bc"
+    common = dict(data=data, max_blocks=max_blocks, cache_dir=runs / "cache", progress=False)
+    bwarea = evaluate(final, **common)
+    bc_only = evaluate(runs / "bc", **common) if final.name != "bc" else bwarea
+    llama = evaluate(runs / "llama", **common)
+    s1_rate, llama_rate = throughput(runs / "s1"), throughput(runs / "llama")
+    base = llama["lm_ppl"]
+    result = {
+        "model": str(final), "baseline_ppl": base, "lm_ppl": bwarea["lm_ppl"], "lm_ppl_ratio": bwarea["lm_ppl"] / base,
+        "lm_ppl_bc_only": bc_only["lm_ppl"], "lm_ppl_ratio_bc_only": bc_only["lm_ppl"] / base,
+        "id_ppl": bwarea["id_ppl"], "codes_used": bwarea["codes_used"], "code_perplexity": bwarea["code_perplexity"],
+        "bc_accuracy": bwarea["bc_accuracy"], "bc_accuracy_bc_only": bc_only["bc_accuracy"],
+        "stage1_tokens_per_s": s1_rate, "baseline_tokens_per_s": llama_rate, "throughput_ratio": s1_rate / llama_rate,
+        "eval_tokens": bwarea["tokens"], "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+        else platform.processor() or "cpu",
+        "runs": {name: json.loads((runs / name / "training.json").read_text())
+                 for name in ("s1", "llama", "bc", "bc-posterior") if (runs / name / "training.json").is_file()},
+    }
+    result["targets"] = {
+        "lm_ppl <= 1.10 x baseline": result["lm_ppl_ratio"] <= 1.10,
+        "id_ppl < baseline": result["id_ppl"] < base,
+        "codes_used >= 48": result["codes_used"] >= 48,
+        "code_perplexity >= 24": result["code_perplexity"] >= 24,
+        "stage-1 throughput >= 0.6 x baseline": result["throughput_ratio"] >= 0.6,
+    }
+    return result
+
+
+def table(r: dict) -> str:
+    rows = [
+        ("baseline (Llama) ppl", f"{r['baseline_ppl']:.2f}", ""),
+        ("BWArea lm_ppl", f"{r['lm_ppl']:.2f}", f"{r['lm_ppl_ratio']:.3f}x baseline (target <= 1.10)"),
+        ("BWArea lm_ppl, BC only", f"{r['lm_ppl_bc_only']:.2f}", f"{r['lm_ppl_ratio_bc_only']:.3f}x baseline"),
+        ("id_ppl", f"{r['id_ppl']:.2f}", "target < baseline ppl"),
+        ("codes_used", f"{r['codes_used']}", "of 64 (target >= 48)"),
+        ("code_perplexity", f"{r['code_perplexity']:.1f}", "target >= 24"),
+        ("bc_accuracy", f"{r['bc_accuracy']:.3f}", f"BC only: {r['bc_accuracy_bc_only']:.3f}"),
+        ("stage-1 tokens/s", f"{r['stage1_tokens_per_s']:.0f}",
+         f"{r['throughput_ratio']:.2f}x baseline {r['baseline_tokens_per_s']:.0f} (target >= 0.6)"),
+    ]
+    lines = ["| metric | value | note |", "| --- | --- | --- |", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    lines.append("")
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in r["targets"].items()]
+    lines.append(f"\n{r['eval_tokens']} held-out tokens; device: {r['device']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", nargs="+", required=True, help="training text (training mode) or held-out text (--runs)")
+    p.add_argument("--val-data", nargs="+", help="held-out text (training mode)")
+    p.add_argument("--runs", type=Path, help="compare the finished runs in this folder instead of training")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_quality"),
+                   help="output prefix: writes PREFIX.json and PREFIX.md")
+    p.add_argument("--work", type=Path, default=Path("runs/bench-training-quality"), help="training mode's runs")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--bc-steps", type=int, default=600)
+    p.add_argument("--posterior-steps", type=int, default=150)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-blocks", type=int, default=64)
+    p.add_argument("--max-blocks", type=int, default=None, help="evaluate at most N held-out blocks")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        if not args.val_data:
+            p.error("training mode needs --val-data (held-out text)")
+        train_runs(args, args.work)
+        runs, held_out = args.work, args.val_data
+    else:
+        runs, held_out = args.runs, args.data
+    result = compare(runs, held_out, args.max_blocks)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    text = table(result)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return 0 if all(result["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

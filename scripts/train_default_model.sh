@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Train the default model shipped in src/bwarea/default_model/, with bwarea's own commands, and the Llama
+# baseline and evaluations that give its model card's numbers.
+#
+#   bash scripts/train_default_model.sh                  # a GPU machine: about 5 minutes on one H100/H200
+#   STEPS=40 BC_STEPS=40 POSTERIOR_STEPS=10 BATCH=8 bash scripts/train_default_model.sh   # a CPU smoke run
+#
+# Data: ../shared/corpora (shakespeare.txt, kjv.txt; public domain). The last HOLDOUT_PERCENT of each file's
+# lines is held out: never trained on (tokenizer included), used for validation and the card's numbers.
+# Everything lands in $WORK; the final model (bf16 safetensors + tokenizer) is copied into the package unless
+# INSTALL=0. accelerate picks the device (cuda if present) and bf16 autocast where supported.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CORPORA=${CORPORA:-../shared/corpora}
+WORK=${WORK:-runs/default-model}
+PY=${PYTHON:-python3}
+BWAREA=${BWAREA:-$PY -m bwarea.cli}
+STEPS=${STEPS:-1500}                    # stage 1 and the baseline
+BC_STEPS=${BC_STEPS:-1500}              # stage 2, inverse-dynamics targets
+POSTERIOR_STEPS=${POSTERIOR_STEPS:-300} # stage 2 continued on the world model's posterior (optimises lm_ppl)
+BATCH=${BATCH:-64}
+BLOCK=${BLOCK:-256}
+VOCAB=${VOCAB:-2048}
+HOLDOUT_PERCENT=${HOLDOUT_PERCENT:-3}
+INSTALL=${INSTALL:-1}
+SHAPE="--hidden-size 256 --layers 4 --heads 4 --kv-heads 2 --intermediate-size 512"
+COMMON="--block-size $BLOCK --batch-size $BATCH --save-every 500 --log-every 50 --eval-every 500 --eval-blocks 256 --seed 0"
+export TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"   # runs from a checkout without installing
+mkdir -p "$WORK/data/train" "$WORK/data/heldout"
+start=$(date +%s)
+
+# 1. Split each corpus file by lines: the first (100 - HOLDOUT_PERCENT)% to train, the rest held out.
+for name in shakespeare kjv; do
+    "$PY" - "$CORPORA/$name.txt" "$WORK/data" "$HOLDOUT_PERCENT" <<'EOF'
+import sys
+from pathlib import Path
+src, out, percent = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+cut = int(len(lines) * (1 - percent / 100))
+(out / "train" / src.name).write_text("".join(lines[:cut]), encoding="utf-8")
+(out / "heldout" / src.name).write_text("".join(lines[cut:]), encoding="utf-8")
+EOF
+done
+TRAIN="$WORK/data/train"
+HELDOUT="$WORK/data/heldout"
+DATA="--data $TRAIN --val-data $HELDOUT --cache-dir $WORK/cache"
+
+# 2. A byte-level BPE on the training text.
+$BWAREA tokenizer train --data "$TRAIN" --vocab-size "$VOCAB" --out "$WORK/tokenizer"
+
+# 3. Stage 1 (world model, inverse dynamics, codebook) and the Llama baseline of the world model's shape.
+$BWAREA pretrain $DATA --tokenizer "$WORK/tokenizer" --out "$WORK/s1" $SHAPE $COMMON \
+    --max-steps "$STEPS" --lr 2e-3 --warmup-steps 100 --overwrite
+$BWAREA pretrain --baseline llama $DATA --tokenizer "$WORK/tokenizer" --out "$WORK/llama" $SHAPE $COMMON \
+    --max-steps "$STEPS" --lr 2e-3 --warmup-steps 100 --overwrite
+
+# 4. Stage 2: behaviour cloning of the policy (started from the world model's weights), then a short run on the
+#    world model's posterior over actions, which maximises the exact LM likelihood.
+$BWAREA bc $DATA --model "$WORK/s1" --out "$WORK/bc" $COMMON --max-steps "$BC_STEPS" --lr 2e-3 \
+    --warmup-steps 100 --policy-init world --targets inverse --overwrite
+$BWAREA bc $DATA --model "$WORK/bc" --out "$WORK/bc-posterior" $COMMON --max-steps "$POSTERIOR_STEPS" \
+    --lr 5e-4 --warmup-steps 20 --policy-init keep --targets posterior --save-dtype bfloat16 --overwrite
+
+# 5. Held-out numbers for the model card, and the side-by-side quality table (benchmarks/).
+$BWAREA eval "$WORK/bc-posterior" --data "$HELDOUT" --cache-dir "$WORK/cache" --json | tee "$WORK/eval_bwarea.json"
+"$PY" benchmarks/bench_training_quality.py --runs "$WORK" --data "$HELDOUT" --out "$WORK/quality" \
+    || echo "some quality targets were missed: see $WORK/quality.md"
+
+end=$(date +%s)
+echo "{\"seconds\": $((end - start)), \"steps\": $STEPS, \"bc_steps\": $BC_STEPS, \"posterior_steps\": $POSTERIOR_STEPS, \"batch\": $BATCH, \"block\": $BLOCK}" \
+    | tee "$WORK/timing.json"
+
+# 6. Ship it: bf16 weights, config and tokenizer into the package.
+if [ "$INSTALL" = "1" ]; then
+    for f in model.safetensors config.json tokenizer.json tokenizer_config.json training.json; do
+        cp "$WORK/bc-posterior/$f" src/bwarea/default_model/
+    done
+    cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
+    ls -l src/bwarea/default_model/
+fi
