@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -45,12 +46,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_models(shape: str, dtype, device, max_len: int) -> dict:
-    """-> {"BWArea": model, "Llama-<W+P>": model, "Llama-<W>": model}, random weights, eval mode."""
+    """-> {"BWArea": model, ["BWArea-rowmajor": model,] "Llama-<W+P>": model, "Llama-<W>": model}, random
+    weights, eval mode. On CPU "BWArea" has its decode weights column-major (``optimize_for_cpu_decoding``, as
+    the CLI and server load it) and "BWArea-rowmajor" is the same model as stored."""
     s = SHAPES[shape]
     torch.manual_seed(0)
     with torch.device(device):
-        bwarea = BWAreaForCausalLM(BWAreaConfig(**s, max_position_embeddings=max_len))
-    models = {"BWArea": bwarea.to(dtype).eval()}
+        bwarea = BWAreaForCausalLM(BWAreaConfig(**s, max_position_embeddings=max_len)).to(dtype).eval()
+    models = {"BWArea": bwarea}
+    if device.type == "cpu":
+        models["BWArea-rowmajor"] = copy.deepcopy(bwarea)
+        bwarea.optimize_for_cpu_decoding()
     for layers in (s["num_hidden_layers"] + s["policy_layers"], s["num_hidden_layers"]):
         config = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
                              intermediate_size=s["intermediate_size"], num_hidden_layers=layers,
@@ -62,7 +68,7 @@ def build_models(shape: str, dtype, device, max_len: int) -> dict:
 
 
 def generate(name, model, ids, new_tokens):
-    if name == "BWArea":
+    if name.startswith("BWArea"):
         return model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, action_greedy=True)
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -111,7 +117,7 @@ def bench_generation(models, args, device) -> list[dict]:
         base = {r["model"]: r["seconds"] for r in rows if r["batch"] == batch}
         for r in rows:
             if r["batch"] == batch:
-                r.update({f"ratio_vs_{n}": r["seconds"] / base[n] for n in names[1:]})
+                r.update({f"ratio_vs_{n}": r["seconds"] / base[n] for n in names if n.startswith("Llama")})
     return rows
 
 
@@ -211,7 +217,7 @@ def main(argv=None) -> None:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak_bw = next((v for k, v in PEAK_BANDWIDTH_GBS.items() if k in device_name), None)
     for r in rows:
-        if r["model"] == "BWArea":
+        if r["model"].startswith("BWArea"):
             r["achieved_weight_bandwidth_gbs"] = weight_bytes / (r["decode_step_ms"] / 1e3) / 1e9
             if peak_bw:
                 r["fraction_of_peak_bandwidth"] = r["achieved_weight_bandwidth_gbs"] / peak_bw
@@ -238,19 +244,19 @@ def print_table(report, llama_big) -> None:
     print(f"{s['shape']} shape, {s['dtype']}, {s['device']}, {s['threads']} threads; prompt {s['prompt']}, "
           f"{s['new_tokens']} new tokens, median of {s['repeats']}")
     names = [k for k in report["generation"][0] if k.startswith("ratio_vs_")]
-    head = f"{'batch':>5} {'model':<10} {'total s':>8} {'ms/tok':>7} {'tok/s':>8} {'prefill ms':>10} " \
+    head = f"{'batch':>5} {'model':<15} {'total s':>8} {'ms/tok':>7} {'tok/s':>8} {'prefill ms':>10} " \
            f"{'step ms':>8} {'peak MB':>8} " + " ".join(f"{'/' + n[9:]:>10}" for n in names)
     print(head)
     for r in report["generation"]:
         peak = f"{r['peak_mb']:8.1f}" if "peak_mb" in r else f"{'-':>8}"
-        print(f"{r['batch']:>5} {r['model']:<10} {r['seconds']:8.3f} {r['ms_per_token']:7.2f} {r['tokens_per_s']:8.1f} "
+        print(f"{r['batch']:>5} {r['model']:<15} {r['seconds']:8.3f} {r['ms_per_token']:7.2f} {r['tokens_per_s']:8.1f} "
               f"{r['prefill_ms']:10.1f} {r['decode_step_ms']:8.2f} {peak} "
               + " ".join(f"{r[n]:10.3f}" for n in names))
     for r in report["generation"]:
         if "achieved_weight_bandwidth_gbs" in r:
             extra = f" ({100 * r['fraction_of_peak_bandwidth']:.0f}% of {s['peak_bandwidth_gbs']} GB/s)" \
                 if "fraction_of_peak_bandwidth" in r else ""
-            print(f"batch {r['batch']}: decode reads {s['decode_weight_mb']:.0f} MB of weights per step: "
+            print(f"batch {r['batch']} {r['model']}: decode reads {s['decode_weight_mb']:.0f} MB of weights per step: "
                   f"{r['achieved_weight_bandwidth_gbs']:.1f} GB/s{extra}")
     f = report["fanout"]
     print(f"fanout over {f['actions']} actions at context {f['context']}: {f['fanout_ms']:.1f} ms vs "

@@ -56,9 +56,14 @@ def train_runs(args, runs: Path) -> None:
                                   max_steps=args.posterior_steps, policy_init="keep", targets="posterior", **common))
 
 
-def compare(runs: Path, data, max_blocks: int | None) -> dict:
-    """Evaluate the finished runs on held-out ``data`` -> the result row with ratios and target checks."""
-    final = runs / "bc-posterior" if (runs / "bc-posterior" / "model.safetensors").is_file() else runs / "bc"
+def compare(runs: Path, data, max_blocks: int | None, final_name: str | None = None) -> dict:
+    """Evaluate the finished runs on held-out ``data`` -> the result row with ratios and target checks.
+
+    final_name: the run folder of the finished BWArea model (default: bc-posterior if it exists, else bc).
+    """
+    if final_name is None:
+        final_name = "bc-posterior" if (runs / "bc-posterior" / "model.safetensors").is_file() else "bc"
+    final = runs / final_name
     common = dict(data=data, max_blocks=max_blocks, cache_dir=runs / "cache", progress=False)
     bwarea = evaluate(final, **common)
     bc_only = evaluate(runs / "bc", **common) if final.name != "bc" else bwarea
@@ -110,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", nargs="+", required=True, help="training text (training mode) or held-out text (--runs)")
     p.add_argument("--val-data", nargs="+", help="held-out text (training mode)")
     p.add_argument("--runs", type=Path, help="compare the finished runs in this folder instead of training")
+    p.add_argument("--final", help="run folder of the finished BWArea model (default bc-posterior if present, else bc)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_quality"),
                    help="output prefix: writes PREFIX.json and PREFIX.md")
     p.add_argument("--work", type=Path, default=Path("runs/bench-training-quality"), help="training mode's runs")
@@ -137,7 +143,7 @@ def main(argv=None) -> int:
         runs, held_out = args.work, args.val_data
     else:
         runs, held_out = args.runs, args.data
-    result = compare(runs, held_out, args.max_blocks)
+    result = compare(runs, held_out, args.max_blocks, args.final)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     text = table(result)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bwarea import BWAreaForCausalLM, load_tokenizer
+from bwarea.generation import _Decoder
 from conftest import tiny_config
 
 
@@ -94,6 +95,34 @@ def test_cached_decoding_equals_full_recomputation(model, prompt_actions):
     assert torch.equal(recomputed_tokens(model, out), out.sequences[:, 9:])
     if prompt_actions == "inverse":
         assert torch.equal(out.prompt_actions, model.infer_actions(ids)[0][:, :-1])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decoding_does_not_depend_on_thread_count(model, threads):
+    """The decode step splits weights into one block per thread (3 does not divide every weight: no split
+    there); conftest runs the rest on one thread (no split)."""
+    rows = [prompts(1, 4, seed=1)[0], prompts(1, 7, seed=2)[0]]
+    ids, mask = left_pad(rows)
+    expected = model.generate(ids, mask, max_new_tokens=10, return_dict_in_generate=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = model.generate(ids, mask, max_new_tokens=10, return_dict_in_generate=True)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(out.actions, expected.actions)
+    torch.testing.assert_close(out.action_logprobs, expected.action_logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_sdpa_decode_path_equals_recomputation(model, monkeypatch):
+    """GPUs attend with SDPA while decoding; run that path here too."""
+    monkeypatch.setattr(_Decoder, "plain_attention_on", ())
+    rows = [prompts(1, 3, seed=3)[0], prompts(1, 8, seed=4)[0]]
+    ids, mask = left_pad(rows)
+    out = model.generate(ids, mask, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(recomputed_tokens(model, out, mask), out.sequences[:, 8:])
+    alone = model.generate(rows[0][None], max_new_tokens=12, min_new_tokens=12)
+    assert torch.equal(alone[0, 3:], out.sequences[0, 8:])
 
 
 def test_fixed_action_equals_recomputation(model):
@@ -348,11 +377,22 @@ def test_likelihood_equals_brute_force_and_normalises():
 
 
 # ----- the model after generating ---------------------------------------------------------------------------------
-def test_generate_leaves_the_model_computing_the_same(model, tmp_path):
+def test_generate_leaves_the_weights_alone(model):
+    before = {k: (v.clone(), v.stride()) for k, v in model.state_dict().items()}
+    model.generate(prompts(batch=2, width=6), max_new_tokens=3)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k][0]) and v.stride() == before[k][1], k
+
+
+def test_cpu_decoding_layout_changes_no_result(model, tmp_path):
     ids = prompts(batch=2, width=6)
     with torch.no_grad():
         before = model(ids, action_idx=4).logits
-    model.generate(ids, max_new_tokens=3)
+    expected = model.generate(ids, max_new_tokens=10, return_dict_in_generate=True)
+    assert model.optimize_for_cpu_decoding() is model
+    assert not model.world_model.lm_head.weight.is_contiguous()
+    out = model.generate(ids, max_new_tokens=10, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(out.actions, expected.actions)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, action_idx=4).logits, before, atol=1e-5, rtol=1e-5)
     model.save_pretrained(tmp_path / "m")
@@ -413,3 +453,21 @@ def test_bad_prompts(model):
         model.fanout(ids, right)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model.lm_log_likelihood(ids, right[:, :3])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_decoding_equals_recomputation(model):
+    model = model.cuda()
+    ids, mask = left_pad([prompts(1, 4, seed=5)[0], prompts(1, 9, seed=6)[0]])
+    ids, mask = ids.cuda(), mask.cuda()
+    out = model.generate(ids, mask, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True)
+    assert torch.equal(recomputed_tokens(model, out, mask), out.sequences[:, 9:])
+    alone = model.generate(ids[1:], max_new_tokens=12, min_new_tokens=12)
+    assert torch.equal(alone[0, 9:], out.sequences[1, 9:])
+    with torch.no_grad():
+        fan = model.fanout(ids, mask)
+        inverse = model.infer_actions(ids, mask)[0]
+        for a in (0, 31, 63):
+            actions = torch.cat([inverse[:, :-1], torch.full_like(inverse[:, :1], a)], dim=1)
+            torch.testing.assert_close(fan[:, a], model(ids, mask, action_idx=actions).logits[:, -1],
+                                       atol=1e-4, rtol=1e-4)

@@ -11,12 +11,21 @@ from safetensors.torch import load_file
 from bwarea import BWAreaForCausalLM, load_tokenizer
 from bwarea.cli import main
 from bwarea.tokenizer_train import train_tokenizer
-from bwarea.train import (BaselineStage, BCConfig, BCStage, PretrainConfig, PretrainStage, TrainingDiverged, train)
+from bwarea.train import BCConfig, BCStage, PretrainConfig, PretrainStage, TrainingDiverged, train
 from bwarea.train import pretrain as pretrain_module
 from bwarea.train.pretrain import kmeans
 
 WORDS = ("the king said unto the queen that the people of the city went up to the house of the lord and "
          "spoke of war and peace and of the sea").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: one thread does the work without waiting on a second one on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(files: list[Path], tokenizer, block_size: int, val_fraction: float) -> str:
     h = hashlib.sha256()
-    h.update(f"v{CACHE_VERSION} block={block_size} val={val_fraction!r} tok={tokenizer_fingerprint(tokenizer)}".encode())
+    tok = tokenizer_fingerprint(tokenizer)
+    h.update(f"v{CACHE_VERSION} block={block_size} val={val_fraction!r} tok={tok}".encode())
     for f in files:
         st = f.stat()
         h.update(f"\n{f}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -209,7 +210,7 @@ def pack(data, tokenizer, block_size: int, val_fraction: float = 0.0, cache_dir=
     tmp = {split: tempfile.NamedTemporaryFile(dir=folder, prefix=f".{key}.{split}.", suffix=".tmp", delete=False)
            for split in counts}
     try:
-        for path in tqdm(files, desc="tokenising", unit="file", disable=not progress or len(files) < 2):
+        for path in tqdm(files, desc="tokenising", unit="file", disable=not progress):
             stream = tokenize_file(path, tokenizer)
             for split, part in split_stream(stream, val_fraction, tokenizer).items():
                 tmp[split].write(part.astype(dtype).tobytes())

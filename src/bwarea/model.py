@@ -203,9 +203,11 @@ class ActionCodebook(nn.Module):
 
         The quantised vectors carry a straight-through gradient to the latents (VQ-VAE).
         """
-        codes = self.embed.weight
-        flat = latents.reshape(-1, latents.shape[-1]).to(codes.dtype)
-        dist = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
+        # Distances in float32 even under autocast, so training and evaluation pick the same codes.
+        with torch.autocast(latents.device.type, enabled=False):
+            codes = self.embed.weight.float()
+            flat = latents.reshape(-1, latents.shape[-1]).float()
+            dist = flat.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1) - 2 * flat @ codes.t()
         index = dist.argmin(dim=1).view(latents.shape[:-1])
         quantised = self.embed(index)
         return index, latents + (quantised - latents).detach()

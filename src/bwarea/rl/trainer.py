@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..generation import _use_column_major_weights
 from . import algorithms as alg
 from .rollout import Rollout, play_episodes, sample_completions
 
@@ -214,9 +213,9 @@ class RLTrainer:
             value_head = nn.Linear(model.config.hidden_size, 1).to(self.acc.device)
             nn.init.zeros_(value_head.weight)
             nn.init.zeros_(value_head.bias)
-        # Generation lays CPU weights out column-major on first use; do it now, so the gradient buckets
-        # accelerate's DDP builds below match the layout the parameters keep from then on.
-        _use_column_major_weights(model)
+        # Column-major CPU weights make rollouts faster; lay them out before DDP wraps the policy, so the
+        # gradient buckets it builds match the layout the parameters keep from then on.
+        model.optimize_for_cpu_decoding()
         trainable = PolicyWithValue(model.policy, value_head)
         optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=c.lr, weight_decay=0.0)
         self.module, self.optimizer = self.acc.prepare(trainable, optimizer)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..model import BWAreaForCausalLM, Policy
 from .loop import Stage, TrainConfig, copy_tokenizer, save_state_dict
-from .pretrain import usage_metrics
+from .pretrain import squared_distances, usage_metrics
 
 
 @dataclass
@@ -100,8 +100,8 @@ class PolicyCloning(nn.Module):
         loss = ce
         if self.targets == "soft":
             with torch.no_grad():
-                dist = torch.cdist(latents.float().reshape(-1, latents.shape[-1]),
-                                   self.model.action_codebook.embed.weight.float()).pow(2)
+                dist = squared_distances(latents.float().reshape(-1, latents.shape[-1]),
+                                         self.model.action_codebook.embed.weight.float())
                 soft = torch.softmax(-dist / self.soft_temperature, dim=-1)
             loss = -(soft * torch.log_softmax(flat_logits, dim=-1)).sum(-1).mean()
         if self.targets == "posterior" and not evaluation:

@@ -313,140 +313,165 @@ def train(stage: Stage, config, on_step=None) -> dict:
     on_step(step, metrics): called after every logged optimiser step (tests use it to interrupt a run).
     Raises TrainingDiverged on a NaN/inf loss or gradient (no checkpoint is written for that step).
     """
-    config.check()
-    accelerator = make_accelerator(config.precision)
-    is_main = accelerator.is_main_process
-    out = Path(config.out)
-    check_run_folder(out, stage, config)
-    accelerator.wait_for_everyone()
-    if is_main:
-        start_run_folder(out, stage, config)
-    accelerator.wait_for_everyone()
-    resume_from = latest_checkpoint(out) if config.resume else None
+    return Trainer(stage, config).run(on_step)
 
-    tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
-    if tokenizer is None:
-        raise ValueError("no --tokenizer given (train one with `bwarea tokenizer train`)")
-    with accelerator.main_process_first():
-        packed = pack(config.data, tokenizer, config.block_size,
-                      0.0 if config.val_data else config.val_fraction, cache_dir=_cache_dir(config), progress=is_main)
-        val = (pack(config.val_data, tokenizer, config.block_size, 0.0, cache_dir=_cache_dir(config),
-                    progress=is_main).train if config.val_data else packed.val)
 
-    from accelerate.utils import set_seed
-    set_seed(config.seed)
-    objective = stage.build(config, tokenizer)
-    if config.block_size > stage.max_positions(objective):
-        raise ValueError(f"block size {config.block_size} exceeds the model's max_position_embeddings "
-                         f"{stage.max_positions(objective)}")
-    objective.to(accelerator.device)
-    sampler = BlockSampler(len(packed.train), config.seed)
-    world, micro = accelerator.num_processes, config.batch_size
-    per_step = micro * config.grad_accum * world
+class Trainer:
+    """One run of a stage: ``__init__`` sets up (run folder, data, model, optimiser, resume), ``run`` trains."""
 
-    def micro_batch(step: int, m: int) -> torch.Tensor:
-        start = step * per_step + (m * world + accelerator.process_index) * micro
-        return batch_tensor(packed.train, sampler.indices(start, micro)).to(accelerator.device)
-
-    if resume_from is None:
-        # The first steps' blocks, whole, on every process: initialisation is the same for any process count.
-        first = (batch_tensor(packed.train, sampler.indices(i * per_step, per_step)).to(accelerator.device)
-                 for i in range(10**9))
-        stage.initialise(objective, first, accelerator)
-    optimizer = make_optimizer(objective, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    # Not prepared: a prepared scheduler steps once per process; this one steps once per optimiser step.
-    accelerator.register_for_checkpointing(scheduler)
-    step = 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
-        accelerator.print(f"resumed {out} from {resume_from.name}")
-    log = MetricsLog(out, step, is_main)
-    if is_main:
-        accelerator.print(f"{stage.name}: {len(packed.train)} train blocks, {len(val)} val blocks of "
-                          f"{config.block_size} tokens; {per_step * config.block_size} tokens per step; "
-                          f"{sum(p.numel() for p in accelerator.unwrap_model(objective).parameters()) / 1e6:.2f}M "
-                          f"params on {accelerator.device} ({accelerator.mixed_precision})")
-
-    bar = tqdm(total=config.max_steps, initial=step, desc=stage.name, disable=not (is_main and config.progress),
-               dynamic_ncols=True)
-    window: dict = {}
-    started = tick = time.perf_counter()
-    window_steps, first_step = 0, step
-    objective.train()
-    try:
-        while step < config.max_steps:
-            stats: dict = {}
-            for m in range(config.grad_accum):
-                sync = m == config.grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(objective):
-                    result = objective(micro_batch(step, m))
-                    accelerator.backward(result["loss"] / config.grad_accum)
-                add_stats(stats, result["stats"])
-                add_stats(stats, {"loss_sum": result["loss"].detach() / config.grad_accum})
-            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.grad_clip or float("inf"))
-            check = stats["loss_sum"] if grad_norm is None else stats["loss_sum"] + grad_norm.float()
-            bad = (~torch.isfinite(check)).float()
-            if world > 1:
-                bad = accelerator.reduce(bad, reduction="sum")
-            if bad.item() > 0:
-                last = latest_checkpoint(out)
-                raise TrainingDiverged(
-                    f"{stage.name}: the loss became {stats['loss_sum'].item()} (gradient norm "
-                    f"{float('nan') if grad_norm is None else grad_norm.item():.3g}) at step {step + 1}; stopped. "
-                    + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
-                    + "lower --lr, raise --warmup-steps or use --precision no, then --resume or --overwrite")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            stats = reduce_stats(stats, accelerator)
-            extra = stage.after_step(accelerator.unwrap_model(objective), step, stats, accelerator, optimizer)
-            add_stats(window, stats)
-            window_steps += 1
-            bar.update(1)
-            if step % config.log_every == 0 or step == config.max_steps:
-                metrics = accelerator.unwrap_model(objective).metrics({k: v.cpu() for k, v in window.items()})
-                elapsed = time.perf_counter() - tick
-                metrics.update(loss=window["loss_sum"].item() / (window_steps * world), lr=scheduler.get_last_lr()[0],
-                               grad_norm=None if grad_norm is None else grad_norm.item(),
-                               tokens_per_s=window_steps * per_step * config.block_size / elapsed, **extra)
-                log.write(step, "train", metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}")
-                if on_step is not None:
-                    on_step(step, metrics)
-                window, window_steps, tick = {}, 0, time.perf_counter()
-            if config.eval_every and step % config.eval_every == 0 and step < config.max_steps and len(val):
-                log.write(step, "val", evaluate(objective, val, config, accelerator))
-                tick = time.perf_counter()
-            if step % config.save_every == 0 or step == config.max_steps:
-                save_checkpoint(accelerator, out, step, config.keep_last)
-                tick = time.perf_counter()
-        final = evaluate(objective, val, config, accelerator) if len(val) else {}
-        if final:
-            log.write(step, "val", final)
-        state = accelerator.get_state_dict(objective)
-        if is_main:
-            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-            stage.save(accelerator.unwrap_model(objective), state, out, tokenizer, config)
-            (out / "training.json").write_text(json.dumps(
-                {"stage": stage.name, "steps": step, "block_size": config.block_size, "processes": world,
-                 "tokens_per_step": per_step * config.block_size, "device": str(accelerator.device),
-                 "precision": accelerator.mixed_precision,
-                 "seconds": round(time.perf_counter() - started, 1), "steps_this_run": step - first_step,
-                 "val": final}, indent=1))
+    def __init__(self, stage: Stage, config):
+        config.check()
+        self.stage, self.config = stage, config
+        self.accelerator = accelerator = make_accelerator(config.precision)
+        self.is_main = accelerator.is_main_process
+        self.out = out = Path(config.out)
+        check_run_folder(out, stage, config)
         accelerator.wait_for_everyone()
-        return final
-    finally:
-        bar.close()
-        log.close()
+        if self.is_main:
+            start_run_folder(out, stage, config)
+        accelerator.wait_for_everyone()
+        resume_from = latest_checkpoint(out) if config.resume else None
 
+        if not config.tokenizer:
+            raise ValueError("no --tokenizer given (train one with `bwarea tokenizer train`)")
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        cache = Path(config.cache_dir) if config.cache_dir else None  # None: data.default_cache_dir()
+        with accelerator.main_process_first():
+            packed = pack(config.data, self.tokenizer, config.block_size,
+                          0.0 if config.val_data else config.val_fraction, cache_dir=cache, progress=self.is_main)
+            self.val = (pack(config.val_data, self.tokenizer, config.block_size, 0.0, cache_dir=cache,
+                             progress=self.is_main).train if config.val_data else packed.val)
+        self.train_blocks = packed.train
 
-def _cache_dir(config) -> Path | None:
-    return Path(config.cache_dir) if config.cache_dir else None  # None: data.default_cache_dir()
+        from accelerate.utils import set_seed
+        set_seed(config.seed)
+        objective = stage.build(config, self.tokenizer)
+        if config.block_size > stage.max_positions(objective):
+            raise ValueError(f"block size {config.block_size} exceeds the model's max_position_embeddings "
+                             f"{stage.max_positions(objective)}")
+        objective.to(accelerator.device)
+        self.sampler = BlockSampler(len(packed.train), config.seed)
+        self.world = accelerator.num_processes
+        self.per_step = config.batch_size * config.grad_accum * self.world
+        if resume_from is None:
+            # The first steps' blocks, whole, on every process: initialisation is the same for any process count.
+            first = (self.blocks(i * self.per_step, self.per_step) for i in range(10**9))
+            stage.initialise(objective, first, accelerator)
+        optimizer = make_optimizer(objective, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+        self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
+        # Not prepared: a prepared scheduler steps once per process; this one steps once per optimiser step.
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.step = 0
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from))
+            self.step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
+            accelerator.print(f"resumed {out} from {resume_from.name}")
+        params = sum(p.numel() for p in accelerator.unwrap_model(self.objective).parameters())
+        accelerator.print(f"{stage.name}: {len(self.train_blocks)} train blocks, {len(self.val)} val blocks of "
+                          f"{config.block_size} tokens; {self.per_step * config.block_size} tokens per step; "
+                          f"{params / 1e6:.2f}M params on {accelerator.device} ({accelerator.mixed_precision})")
+
+    def blocks(self, start: int, count: int) -> torch.Tensor:
+        """Global sample positions [start, start+count) -> (count, block_size) token ids on the device."""
+        return batch_tensor(self.train_blocks, self.sampler.indices(start, count)).to(self.accelerator.device)
+
+    def micro_batch(self, m: int) -> torch.Tensor:
+        """This process's share of micro-batch ``m`` of the current step."""
+        micro = self.config.batch_size
+        return self.blocks(self.step * self.per_step + (m * self.world + self.accelerator.process_index) * micro,
+                           micro)
+
+    def train_step(self) -> tuple[dict, torch.Tensor | None]:
+        """One optimiser step -> (statistics summed over micro-batches and processes, gradient norm)."""
+        config, accelerator = self.config, self.accelerator
+        stats: dict = {}
+        for m in range(config.grad_accum):
+            last = m == config.grad_accum - 1
+            with nullcontext() if last else accelerator.no_sync(self.objective):
+                result = self.objective(self.micro_batch(m))
+                accelerator.backward(result["loss"] / config.grad_accum)
+            add_stats(stats, {**result["stats"], "loss_sum": result["loss"].detach() / config.grad_accum})
+        grad_norm = accelerator.clip_grad_norm_(self.objective.parameters(), config.grad_clip or float("inf"))
+        self.check_finite(stats["loss_sum"], grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return reduce_stats(stats, accelerator), grad_norm
+
+    def check_finite(self, loss: torch.Tensor, grad_norm) -> None:
+        """Stop before the optimiser step if any process saw a NaN/inf loss or gradient."""
+        check = loss if grad_norm is None else loss + grad_norm.float()
+        bad = (~torch.isfinite(check)).float()
+        if self.world > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            last = latest_checkpoint(self.out)
+            raise TrainingDiverged(
+                f"{self.stage.name}: the loss became {loss.item()} (gradient norm "
+                f"{float('nan') if grad_norm is None else grad_norm.item():.3g}) at step {self.step + 1}; stopped. "
+                + (f"The last good checkpoint is {last}; " if last else "No checkpoint was written yet; ")
+                + "lower --lr, raise --warmup-steps or use --precision no, then --resume or --overwrite")
+
+    def run(self, on_step=None) -> dict:
+        config, accelerator = self.config, self.accelerator
+        unwrapped = accelerator.unwrap_model(self.objective)
+        log = MetricsLog(self.out, self.step, self.is_main)
+        bar = tqdm(total=config.max_steps, initial=self.step, desc=self.stage.name,
+                   disable=not (self.is_main and config.progress), dynamic_ncols=True)
+        window, window_steps, first_step = {}, 0, self.step
+        started = tick = time.perf_counter()
+        self.objective.train()
+        try:
+            while self.step < config.max_steps:
+                stats, grad_norm = self.train_step()
+                extra = self.stage.after_step(unwrapped, self.step, stats, accelerator, self.optimizer)
+                add_stats(window, stats)
+                window_steps += 1
+                bar.update(1)
+                step = self.step
+                if step % config.log_every == 0 or step == config.max_steps:
+                    metrics = unwrapped.metrics({k: v.cpu() for k, v in window.items()})
+                    metrics.update(loss=window["loss_sum"].item() / (window_steps * self.world),
+                                   lr=self.scheduler.get_last_lr()[0],
+                                   grad_norm=None if grad_norm is None else grad_norm.item(),
+                                   tokens_per_s=window_steps * self.per_step * config.block_size
+                                   / (time.perf_counter() - tick), **extra)
+                    log.write(step, "train", metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+                    if on_step is not None:
+                        on_step(step, metrics)
+                    window, window_steps, tick = {}, 0, time.perf_counter()
+                if config.eval_every and step % config.eval_every == 0 and step < config.max_steps and len(self.val):
+                    log.write(step, "val", evaluate(self.objective, self.val, config, accelerator))
+                    tick = time.perf_counter()  # evaluation and saving are not training time
+                if step % config.save_every == 0 or step == config.max_steps:
+                    save_checkpoint(accelerator, self.out, step, config.keep_last)
+                    tick = time.perf_counter()
+            final = evaluate(self.objective, self.val, config, accelerator) if len(self.val) else {}
+            if final:
+                log.write(self.step, "val", final)
+            self.save_final(final, time.perf_counter() - started, self.step - first_step)
+            return final
+        finally:
+            bar.close()
+            log.close()
+
+    def save_final(self, final: dict, seconds: float, steps_run: int) -> None:
+        """The final model (the stage's format) and training.json, written by the main process."""
+        accelerator, config = self.accelerator, self.config
+        state = accelerator.get_state_dict(self.objective)  # collective under FSDP/DeepSpeed: every process
+        if self.is_main:
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+            self.stage.save(accelerator.unwrap_model(self.objective), state, self.out, self.tokenizer, config)
+            (self.out / "training.json").write_text(json.dumps(
+                {"stage": self.stage.name, "steps": self.step, "block_size": config.block_size,
+                 "processes": self.world, "tokens_per_step": self.per_step * config.block_size,
+                 "device": str(accelerator.device), "precision": accelerator.mixed_precision,
+                 "seconds": round(seconds, 1), "steps_this_run": steps_run, "val": final}, indent=1))
+        accelerator.wait_for_everyone()
 
 
 def copy_tokenizer(src, dst: Path) -> None:

@@ -99,7 +99,7 @@ class WorldModelObjective(nn.Module):
         model.policy.requires_grad_(False)
         self.commitment, self.entropy_bonus = config.commitment, config.entropy_bonus
         self.ema = config.codebook == "ema"
-        n, dim = model.config.num_actions, model.config.codebook_dim
+        n = model.config.num_actions
         # Code usage since the last dead-code check; a buffer, so a resumed run checks the same window.
         self.register_buffer("usage_window", torch.zeros(n))
         if self.ema:
@@ -141,10 +141,14 @@ class WorldModelObjective(nn.Module):
 
 def soft_usage_entropy(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Entropy of the mean soft assignment of latents z (..., dim) to codes (n, dim): high when usage is even."""
-    flat = z.reshape(-1, z.shape[-1])
-    dist = torch.cdist(flat, codes.float()).pow(2)
+    dist = squared_distances(z.reshape(-1, z.shape[-1]), codes.float())
     p = torch.softmax(-dist / dist.mean().detach().clamp_min(1e-8), dim=-1).mean(0)
     return -(p * p.clamp_min(1e-12).log()).sum()
+
+
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x (n, dim), c (k, dim) -> (n, k) squared Euclidean distances (one matmul; cdist is slow on CPU)."""
+    return (x.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1) - 2 * x @ c.t()).clamp_min(0)
 
 
 @torch.no_grad()
@@ -154,19 +158,21 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[tor
     x = x.float()
     if len(x) < k:
         raise ValueError(f"k-means needs at least {k} latents, got {len(x)}; raise --kmeans-batches")
-    centroids = x[torch.randint(len(x), (1,), generator=g)].clone()
+    centroids = x[torch.randint(len(x), (1,), generator=g)]
+    nearest = squared_distances(x, centroids).squeeze(1)
     for _ in range(1, k):
-        d = torch.cdist(x, centroids).min(dim=1).values.pow(2)
-        probs = (d / d.sum()).cpu() if d.sum() > 0 else torch.full((len(x),), 1 / len(x))
-        centroids = torch.cat([centroids, x[torch.multinomial(probs, 1, generator=g).to(x.device)]])
+        # k-means++: the next centre is drawn with probability proportional to the squared distance.
+        probs = (nearest / nearest.sum()).cpu() if nearest.sum() > 0 else torch.full((len(x),), 1 / len(x))
+        new = x[torch.multinomial(probs, 1, generator=g).to(x.device)]
+        centroids = torch.cat([centroids, new])
+        nearest = torch.minimum(nearest, squared_distances(x, new).squeeze(1))
     for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(dim=1)
-        counts = torch.bincount(assign, minlength=k).float()
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        onehot = F.one_hot(squared_distances(x, centroids).argmin(dim=1), k).float()
+        counts = onehot.sum(0)
         empty = counts == 0
         centroids = torch.where(empty[:, None], x[torch.randint(len(x), (k,), generator=g).to(x.device)],
-                                sums / counts.clamp_min(1)[:, None])
-    counts = torch.bincount(torch.cdist(x, centroids).argmin(dim=1), minlength=k).float()
+                                onehot.t() @ x / counts.clamp_min(1)[:, None])
+    counts = torch.bincount(squared_distances(x, centroids).argmin(dim=1), minlength=k).float()
     return centroids, counts
 
 
@@ -216,7 +222,8 @@ class PretrainStage(Stage):
         n_dead = int(dead.sum())
         if n_dead == 0 or objective.recent_latents is None:
             return {"codes_reset": 0}
-        if codebook.shape != (objective.model.config.num_actions, objective.model.config.codebook_dim):
+        full = (objective.model.config.num_actions, objective.model.config.codebook_dim)
+        if codebook.shape != full or type(codebook.data) is not torch.Tensor:
             return {}  # a sharded codebook (FSDP, ZeRO-3) is not edited in place; the other remedies still apply
         candidates = accelerator.gather(objective.recent_latents.contiguous()).float()
         # Same generator on every process: each picks the same replacements.
