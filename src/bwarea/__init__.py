@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import loading
 from .checkpoint import convert_released_checkpoint
 from .config import BWAreaConfig
 from .model import BWAreaForCausalLM, BWAreaOutput
