@@ -107,7 +107,7 @@ def test_bad_paths_and_jsonl(tmp_path, tokenizer):
         data.pack([], tokenizer, 16, cache_dir=tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"content": "no text field"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*\"text\" field"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: .*string field \"text\""):
         data.pack([bad], tokenizer, 16, cache_dir=tmp_path)
     bad.write_text('{"text": "fine"}\nnot json\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):

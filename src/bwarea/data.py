@@ -71,12 +71,11 @@ def read_text(path: Path) -> str:
                          "convert it to UTF-8") from None
 
 
-def documents(path: Path) -> list[str]:
-    """One file -> its documents: the whole text for plain text, each record's "text" for JSONL."""
-    text = read_text(path)
-    if path.suffix.lower() != ".jsonl":
-        return [text]
-    docs = []
+def jsonl_records(path: Path, text: str, field: str) -> list[dict]:
+    """JSONL text -> its records (blank lines skipped), each checked to be an object with a string ``field``.
+
+    Errors name the file and the 1-based line. Shared by the training data and the RL prompt files."""
+    records = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -84,10 +83,18 @@ def documents(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{number}: each JSONL line must be an object with a string \"text\" field")
-        if record["text"]:
-            docs.append(record["text"])
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{path}:{number}: each JSONL line needs a string field \"{field}\"")
+        records.append(record)
+    return records
+
+
+def documents(path: Path) -> list[str]:
+    """One file -> its documents: the whole text for plain text, each record's "text" for JSONL."""
+    text = read_text(path)
+    if path.suffix.lower() != ".jsonl":
+        return [text]
+    docs = [record["text"] for record in jsonl_records(path, text, "text") if record["text"]]
     if not docs:
         raise ValueError(f"data file {str(path)!r} has no non-empty \"text\" records")
     return docs

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import jsonl_records
 from . import algorithms as alg
 from .rollout import Rollout, play_episodes, sample_completions
 
@@ -109,20 +110,12 @@ def load_prompts(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no prompts file {str(path)!r}")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompts file {path} has no prompts")
     if path.suffix == ".jsonl" or lines[0].lstrip().startswith("{"):
-        rows = []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from err
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{n}: each JSONL line needs a string field \"prompt\"")
-            rows.append(row)
-        return rows
+        return jsonl_records(path, text, "prompt")
     return [{"prompt": line.rstrip("\n")} for line in lines]
 
 
