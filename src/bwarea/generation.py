@@ -146,16 +146,20 @@ class _Decoder:
         self.dyn_h = self._split(w_dyn[:, :h])
         projected = world.action_proj(model.action_codebook.embed.weight).to(w_dyn.dtype)
         self.action_table = F.linear(projected, w_dyn[:, h:])  # (num_actions, hidden)
-        # Rotary for the fed positions: lists of (batch, 1, head_dim) views, one per step.
+        # Rotary for the fed positions: lists of (batch, heads + kv_heads, head_dim) views, one per step.
         half = self.head_dim // 2
         sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(sin)
-        self.cos = cos.permute(2, 0, 1, 3).unbind(0)
-        self.sin = (sin * sign).permute(2, 0, 1, 3).unbind(0)
         self.plain_attention = cos.device.type in self.plain_attention_on
+        self.scale = self.head_dim ** -0.5
+        # The plain path folds the softmax scale into the query heads' rows of the tables (one op less a block).
+        heads = torch.ones(self.n_heads + self.n_kv, 1, 1, dtype=cos.dtype, device=cos.device)
+        if self.plain_attention:
+            heads[:self.n_heads] = self.scale
+        self.cos = (cos * heads).permute(2, 0, 1, 3).unbind(0)
+        self.sin = (sin * sign * heads).permute(2, 0, 1, 3).unbind(0)
         self.key_bias = key_bias
         if key_bias is not None and self.plain_attention:  # as (rows * kv_heads, 1, keys), for the bmm scores
             self.key_bias = key_bias.expand(-1, self.n_kv, -1, -1).flatten(0, 1)
-        self.scale = self.head_dim ** -0.5
 
     def _split(self, weight):
         """(out, in) weight -> (blocks, in, out / blocks) view for ``_linear``, or (in, out) when not split."""
@@ -195,17 +199,23 @@ class _Decoder:
         # The query heads sharing a KV head go in as that head's query rows: grouped-query attention with no
         # copy of the cache (head h reads KV head h // group, as in the model).
         if self.plain_attention:
-            scores = qk[:, :nh] * self.scale  # (b, heads, d), contiguous: views as (b * kv_heads, group, d)
-            scores = torch.bmm(scores.view(b * nkv, -1, self.head_dim), keys_3d[:, :col + 1].transpose(1, 2))
+            # queries (b, heads, d), already scaled: as (b * kv_heads, group, d) rows of a bmm
+            queries = qk[:, :nh].reshape(b * nkv, -1, self.head_dim)
+            scores = torch.bmm(queries, keys_3d[:, :col + 1].transpose(1, 2))
             if self.key_bias is not None:
                 scores += self.key_bias[..., :col + 1]
             y = torch.bmm(scores.softmax(-1), values_3d[:, :col + 1])
         else:
             y = F.scaled_dot_product_attention(
-                qk[:, :nh].view(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1], values[:, :, :col + 1],
+                qk[:, :nh].reshape(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1], values[:, :, :col + 1],
                 attn_mask=None if self.key_bias is None else self.key_bias[..., :col + 1])
         x = self._linear(y.view(b, -1), w_o, x)
-        gate, up = self._linear(_rms(x, ln2, self.eps), w_gate_up).chunk(2, dim=-1)
+        h = _rms(x, ln2, self.eps)
+        if w_gate_up.dim() == 3 and w_gate_up.shape[0] == 2:
+            # two column blocks are exactly [gate; up]: read them from the bmm's output, no transpose copy
+            gate, up = torch.bmm(h.expand(2, *h.shape), w_gate_up).unbind(0)
+        else:
+            gate, up = self._linear(h, w_gate_up).chunk(2, dim=-1)
         return self._linear(F.silu(gate) * up, w_down, x)
 
     def policy_step(self, tokens, step, col):
