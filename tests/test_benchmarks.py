@@ -1,0 +1,58 @@
+"""The training-quality benchmark end to end at a toy scale: the runs it trains, the split, the JSON it writes."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_training_quality import main, split_lines  # noqa: E402
+
+WORDS = "the king said to his lord that all men shall go forth and the queen did weep for her son".split()
+
+
+@pytest.fixture()
+def text(tmp_path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (12,), generator=g)) + "."
+             for _ in range(400)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_holdout_split_keeps_every_line_once_in_order(text, tmp_path):
+    train, held_out = split_lines([str(text)], 10, tmp_path / "split")
+    train_lines = Path(train[0]).read_text().splitlines()
+    held_lines = Path(held_out[0]).read_text().splitlines()
+    assert len(held_lines) == 40 and train_lines + held_lines == text.read_text().splitlines()
+
+
+@pytest.mark.parametrize("percent", [0, 100, -5])
+def test_holdout_split_rejects_a_percent_outside_0_100(text, tmp_path, percent):
+    with pytest.raises(SystemExit, match="holdout-percent must lie in"):
+        split_lines([str(text)], percent, tmp_path / "split")
+
+
+def test_holdout_split_rejects_a_folder(tmp_path):
+    with pytest.raises(SystemExit, match="is not a file"):
+        split_lines([str(tmp_path)], 10, tmp_path / "split")
+
+
+def test_training_mode_trains_every_run_and_writes_the_table(text, tmp_path):
+    work, out = tmp_path / "runs", tmp_path / "result"
+    code = main(["--data", str(text), "--holdout-percent", "10", "--work", str(work), "--out", str(out),
+                 "--vocab-size", "300", "--steps", "4", "--bc-steps", "3", "--posterior-steps", "2",
+                 "--batch-size", "2", "--block-size", "32", "--hidden-size", "32", "--layers", "2", "--heads", "2",
+                 "--intermediate-size", "64", "--eval-blocks", "2", "--log-every", "1", "--max-blocks", "4"])
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert code == (0 if all(result["targets"].values()) else 1)
+    assert set(result["runs"]) == {"s1", "llama", "bc", "bc-posterior"}
+    assert result["runs"]["bc-posterior"]["steps"] == 2 and result["runs"]["s1"]["steps"] == 4
+    assert result["model"].endswith("bc-posterior") and result["eval_tokens"] == 4 * 31  # 4 blocks, 31 predicted tokens each
+    assert result["lm_ppl_ratio"] == pytest.approx(result["lm_ppl"] / result["baseline_ppl"])
+    assert 0 < result["codes_used"] <= 64 and result["baseline_ppl"] > 1
+    assert "lm_ppl <= 1.10 x baseline" in out.with_suffix(".md").read_text()
+    assert (work / "data" / "heldout" / "corpus.txt").is_file()
