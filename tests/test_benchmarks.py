@@ -51,7 +51,8 @@ def test_training_mode_trains_every_run_and_writes_the_table(text, tmp_path):
     assert code == (0 if all(result["targets"].values()) else 1)
     assert set(result["runs"]) == {"s1", "llama", "bc", "bc-posterior"}
     assert result["runs"]["bc-posterior"]["steps"] == 2 and result["runs"]["s1"]["steps"] == 4
-    assert result["model"].endswith("bc-posterior") and result["eval_tokens"] == 4 * 31  # 4 blocks, 31 predicted tokens each
+    assert result["model"].endswith("bc-posterior")
+    assert result["eval_tokens"] == 4 * 31  # 4 blocks of 32: 31 predicted tokens each
     assert result["lm_ppl_ratio"] == pytest.approx(result["lm_ppl"] / result["baseline_ppl"])
     assert 0 < result["codes_used"] <= 64 and result["baseline_ppl"] > 1
     assert "lm_ppl <= 1.10 x baseline" in out.with_suffix(".md").read_text()
