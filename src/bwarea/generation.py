@@ -207,7 +207,7 @@ class _Decoder:
             y = torch.bmm(scores.softmax(-1), values_3d[:, :col + 1])
         else:
             y = F.scaled_dot_product_attention(
-                qk[:, :nh].reshape(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1], values[:, :, :col + 1],
+                qk[:, :nh].view(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1], values[:, :, :col + 1],
                 attn_mask=None if self.key_bias is None else self.key_bias[..., :col + 1])
         x = self._linear(y.view(b, -1), w_o, x)
         h = _rms(x, ln2, self.eps)
