@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bwarea import BWAreaForCausalLM, load_tokenizer
+from bwarea import generation
 from bwarea.generation import _Decoder
 from conftest import tiny_config
 
@@ -112,6 +113,56 @@ def test_decoding_does_not_depend_on_thread_count(model, threads):
         torch.set_num_threads(before)
     assert torch.equal(out.sequences, expected.sequences) and torch.equal(out.actions, expected.actions)
     torch.testing.assert_close(out.action_logprobs, expected.action_logprobs, atol=1e-4, rtol=1e-4)
+
+
+def paired_and_unpaired(model, monkeypatch, *args, **kwargs):
+    """generate(...) with the policy / world-model-lower-half pairs stacked (the CPU default) and without."""
+    paired = model.generate(*args, return_dict_in_generate=True, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(generation, "_PAIRED_BYTES_LIMIT", 0)
+        unpaired = model.generate(*args, return_dict_in_generate=True, **kwargs)
+    return paired, unpaired
+
+
+@pytest.mark.parametrize("overrides", [{}, {"policy_layers": 1}, {"action_layer": 3}, {"action_layer": 0}])
+def test_paired_decode_equals_unpaired_and_recomputation(monkeypatch, overrides):
+    """The leading policy and world-model blocks run stacked while decoding on CPU; fewer policy blocks than
+    pairs, more pairs, and none (action at the bottom) all give the separate blocks' result."""
+    torch.manual_seed(0)
+    model = BWAreaForCausalLM(tiny_config(**overrides)).eval()
+    model.set_action_sampling(greedy=True)
+    expected_pairs = min(model.world_model.action_layer, len(model.policy.layers))
+    assert generation._decode_pairs(model, torch.device("cpu")) == expected_pairs
+    rows = [prompts(1, 4, seed=5)[0], prompts(1, 9, seed=6)[0]]
+    ids, mask = left_pad(rows)
+    paired, unpaired = paired_and_unpaired(model, monkeypatch, ids, mask, max_new_tokens=14, min_new_tokens=14)
+    assert torch.equal(paired.sequences, unpaired.sequences) and torch.equal(paired.actions, unpaired.actions)
+    torch.testing.assert_close(paired.action_logprobs, unpaired.action_logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(recomputed_tokens(model, paired, mask), paired.sequences[:, 9:])
+
+
+def test_paired_weights_follow_in_place_updates(model, monkeypatch):
+    """The stacked copy of the paired blocks is rebuilt after an optimiser-style in-place update (RL does this
+    between rollouts), never served stale."""
+    ids = prompts(2, 6, seed=7)
+    before = model.generate(ids, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True)
+    with torch.no_grad():
+        model.policy.layers[0].mlp.down_proj.weight.add_(torch.randn_like(model.policy.layers[0].mlp.down_proj.weight))
+        model.world_model.layers[0].self_attn.qkv_proj.weight.mul_(1.5)
+    paired, unpaired = paired_and_unpaired(model, monkeypatch, ids, max_new_tokens=10, min_new_tokens=10)
+    assert not torch.allclose(paired.action_logprobs, before.action_logprobs)  # the update changed the policy
+    assert torch.equal(paired.sequences, unpaired.sequences) and torch.equal(paired.actions, unpaired.actions)
+    torch.testing.assert_close(paired.action_logprobs, unpaired.action_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_model_built_under_inference_mode_decodes(monkeypatch):
+    """Its parameters are inference tensors, with no version counter for the paired-weight cache to read."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        model = BWAreaForCausalLM(tiny_config()).eval()
+    model.set_action_sampling(greedy=True)
+    paired, unpaired = paired_and_unpaired(model, monkeypatch, prompts(2, 5), max_new_tokens=6, min_new_tokens=6)
+    assert torch.equal(paired.sequences, unpaired.sequences)
 
 
 def test_sdpa_decode_path_equals_recomputation(model, monkeypatch):
