@@ -32,17 +32,14 @@ mkdir -p "$WORK/data/train" "$WORK/data/heldout"
 start=$(date +%s)
 
 # 1. Split each corpus file by lines: the first (100 - HOLDOUT_PERCENT)% to train, the rest held out.
-for name in shakespeare kjv; do
-    "$PY" - "$CORPORA/$name.txt" "$WORK/data" "$HOLDOUT_PERCENT" <<'EOF'
+"$PY" - "$CORPORA" "$WORK/data" "$HOLDOUT_PERCENT" <<'EOF'
 import sys
 from pathlib import Path
-src, out, percent = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
-lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
-cut = int(len(lines) * (1 - percent / 100))
-(out / "train" / src.name).write_text("".join(lines[:cut]), encoding="utf-8")
-(out / "heldout" / src.name).write_text("".join(lines[cut:]), encoding="utf-8")
+sys.path.insert(0, "benchmarks")
+from bench_training_quality import split_lines  # the same split as the benchmark's --holdout-percent
+corpora, out, percent = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+split_lines([corpora / "shakespeare.txt", corpora / "kjv.txt"], percent, out)
 EOF
-done
 TRAIN="$WORK/data/train"
 HELDOUT="$WORK/data/heldout"
 DATA="--data $TRAIN --val-data $HELDOUT --cache-dir $WORK/cache"

@@ -120,7 +120,7 @@ def _pair_caches(policy_caches, world_caches, pairs: int) -> list:
     (2, batch, kv_heads, max_len, head_dim), index 0 the policy's -> those (keys, values) buffers per pair."""
     joint = []
     for p, w in zip(policy_caches[:pairs], world_caches[:pairs]):
-        keys, values = torch.stack([p.keys, w.keys]), torch.stack([p.values, w.values])
+        keys, values = p.keys.new_zeros((2, *p.keys.shape)), p.values.new_zeros((2, *p.values.shape))
         p.keys, w.keys, p.values, w.values = keys[0], keys[1], values[0], values[1]
         joint.append((keys, values))
     return joint
