@@ -45,26 +45,32 @@ PEAK_BANDWIDTH_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_models(shape: str, dtype, device, max_len: int) -> dict:
+def build_models(shape: str, dtype, device, max_len: int, only: str | None = None) -> dict:
     """-> {"BWArea": model, ["BWArea-rowmajor": model,] "Llama-<W+P>": model, "Llama-<W>": model}, random
-    weights, eval mode. On CPU "BWArea" has its decode weights column-major (``optimize_for_cpu_decoding``, as
-    the CLI and server load it) and "BWArea-rowmajor" is the same model as stored."""
+    weights, eval mode (``only``: just that one). On CPU "BWArea" has its decode weights column-major
+    (``optimize_for_cpu_decoding``, as the CLI and server load it) and "BWArea-rowmajor" is the same model as
+    stored."""
     s = SHAPES[shape]
-    torch.manual_seed(0)
-    with torch.device(device):
-        bwarea = BWAreaForCausalLM(BWAreaConfig(**s, max_position_embeddings=max_len)).to(dtype).eval()
-    models = {"BWArea": bwarea}
-    if device.type == "cpu":
-        models["BWArea-rowmajor"] = copy.deepcopy(bwarea)
-        bwarea.optimize_for_cpu_decoding()
+    models = {}
+    if only is None or only.startswith("BWArea"):
+        torch.manual_seed(0)
+        with torch.device(device):
+            bwarea = BWAreaForCausalLM(BWAreaConfig(**s, max_position_embeddings=max_len)).to(dtype).eval()
+        if device.type == "cpu" and only in (None, "BWArea-rowmajor"):
+            models["BWArea-rowmajor"] = copy.deepcopy(bwarea) if only is None else bwarea
+        if only in (None, "BWArea"):
+            models["BWArea"] = bwarea.optimize_for_cpu_decoding()
     for layers in (s["num_hidden_layers"] + s["policy_layers"], s["num_hidden_layers"]):
+        if only not in (None, f"Llama-{layers}"):
+            continue
         config = LlamaConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
                              intermediate_size=s["intermediate_size"], num_hidden_layers=layers,
                              num_attention_heads=s["num_attention_heads"],
                              num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=max_len)
         with torch.device(device):
             models[f"Llama-{layers}"] = LlamaForCausalLM(config).to(dtype).eval()
-    return models
+    return {name: models[name] for name in ("BWArea", "BWArea-rowmajor") if name in models} | {
+        name: m for name, m in models.items() if name.startswith("Llama")}
 
 
 def generate(name, model, ids, new_tokens):
@@ -140,29 +146,44 @@ def peak_memory(models, args, device, rows) -> None:
                      "--threads", str(args.threads)]
             out = subprocess.run(probe, capture_output=True, text=True, check=True)
             r["peak_mb"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mb"]
-            r["peak_mb_note"] = "peak RSS growth of a fresh process during generate, above the weights"
+            r["peak_mb_note"] = ("peak RSS growth of a fresh process holding only this model, during its first "
+                                 "generate: caches, activations, decode weight copies, libraries' first-use buffers")
 
 
 def memory_probe(args) -> None:
-    """--probe MODEL BATCH: build, warm up at batch 1 with 2 tokens, then report the peak RSS growth of one run."""
+    """--probe MODEL BATCH: build that model alone, then report the peak RSS growth of one generate: its caches,
+    activations and any weight copies it keeps (BWArea's packed or stacked decode weights), and the libraries'
+    first-use buffers, which a user's first call pays too."""
     device = torch.device("cpu")
-    models = build_models(args.shape, DTYPES[args.dtype], device, args.prompt + args.new + 8)
     name, batch = args.probe[0], int(args.probe[1])
-    model = models[name]
-    for other in [n for n in models if n != name]:
-        del models[other]
+    model = build_models(args.shape, DTYPES[args.dtype], device, args.prompt + args.new + 8, only=name)[name]
     ids = torch.randint(3, SHAPES[args.shape]["vocab_size"], (batch, args.prompt))
+    before = _rss_mb()
+    reset = _reset_peak_rss()  # building the model peaked higher: restart the mark from here (Linux)
     with torch.inference_mode():
-        generate(name, model, ids[:1], 2)
-        before = _rss_mb()
         generate(name, model, ids, args.new)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_growth_mb": max(0.0, peak - before)}))
 
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def bench_fanout(model, args, device) -> dict:

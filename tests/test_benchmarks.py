@@ -1,4 +1,5 @@
-"""The training-quality benchmark end to end at a toy scale: the runs it trains, the split, the JSON it writes."""
+"""The benchmarks end to end at a toy scale: the training-quality runs, split and JSON; the generation
+benchmark's table, JSON and memory probe."""
 
 import json
 import sys
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_generation  # noqa: E402
 from bench_training_quality import main, split_lines  # noqa: E402
 
 WORDS = "the king said to his lord that all men shall go forth and the queen did weep for her son".split()
@@ -57,3 +59,20 @@ def test_training_mode_trains_every_run_and_writes_the_table(text, tmp_path):
     assert 0 < result["codes_used"] <= 64 and result["baseline_ppl"] > 1
     assert "lm_ppl <= 1.10 x baseline" in out.with_suffix(".md").read_text()
     assert (work / "data" / "heldout" / "corpus.txt").is_file()
+
+
+def test_generation_benchmark_writes_every_row(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    before = torch.get_num_threads()
+    try:
+        bench_generation.main(["--batch", "1", "4", "--new", "3", "--prompt", "5", "--repeats", "1",
+                               "--fanout-context", "6", "--no-memory", "--threads", "1", "--out", str(out)])
+        report = json.loads(out.read_text())
+        models = {(r["batch"], r["model"]) for r in report["generation"]}
+        assert models == {(b, m) for b in (1, 4) for m in ("BWArea", "BWArea-rowmajor", "Llama-16", "Llama-8")}
+        assert all(r["seconds"] > 0 and r["ratio_vs_Llama-16"] > 0 for r in report["generation"])
+        assert report["fanout"]["speedup"] > 0 and len(report["targets"]) == 3
+        bench_generation.main(["--probe", "BWArea", "4", "--new", "3", "--prompt", "5", "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_growth_mb"] >= 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bwarea import BWAreaForCausalLM, load_tokenizer
-from bwarea import generation
+from bwarea import generation, kernels
 from bwarea.generation import _Decoder
 from conftest import tiny_config
 
@@ -163,6 +163,63 @@ def test_model_built_under_inference_mode_decodes(monkeypatch):
     model.set_action_sampling(greedy=True)
     paired, unpaired = paired_and_unpaired(model, monkeypatch, prompts(2, 5), max_new_tokens=6, min_new_tokens=6)
     assert torch.equal(paired.sequences, unpaired.sequences)
+
+
+def packed_and_unpacked(model, monkeypatch, *args, seed=0, **kwargs):
+    """generate(...) with oneDNN-packed products (CPU, >= _PACKED_MIN_ROWS rows) and with the bmm path, each
+    with a generator seeded ``seed``."""
+    packed = model.generate(*args, return_dict_in_generate=True, generator=torch.Generator().manual_seed(seed),
+                            **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(generation, "_PACKED_MIN_ROWS", 10**9)
+        unpacked = model.generate(*args, return_dict_in_generate=True,
+                                  generator=torch.Generator().manual_seed(seed), **kwargs)
+    return packed, unpacked
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no usable oneDNN")
+@pytest.mark.parametrize("overrides", [{}, {"policy_layers": 1}, {"action_layer": 0}])
+def test_packed_decode_equals_bmm_decode_and_recomputation(monkeypatch, overrides):
+    """Five left-padded rows decode with oneDNN-packed weights (with and without stacked pairs): the same
+    tokens and actions as the bmm path, and as the world model recomputed over the result."""
+    torch.manual_seed(0)
+    model = BWAreaForCausalLM(tiny_config(**overrides)).eval()
+    rows = [prompts(1, n, seed=10 + n)[0] for n in (3, 9, 5, 9, 7)]
+    ids, mask = left_pad(rows)
+    assert generation._packed_decoding(model, torch.device("cpu"), len(rows))
+    packed, unpacked = packed_and_unpacked(model, monkeypatch, ids, mask, max_new_tokens=14, min_new_tokens=14,
+                                           action_greedy=False, seed=4)
+    assert len(set(packed.actions.flatten().tolist())) > 3
+    assert torch.equal(packed.sequences, unpacked.sequences) and torch.equal(packed.actions, unpacked.actions)
+    torch.testing.assert_close(packed.action_logprobs, unpacked.action_logprobs, atol=1e-4, rtol=1e-4)
+    assert torch.equal(recomputed_tokens(model, packed, mask), packed.sequences[:, 9:])
+    alone = model.generate(rows[0][None], max_new_tokens=14, min_new_tokens=14, actions=packed.actions[:1])
+    assert torch.equal(alone[0, 3:], packed.sequences[0, 9:])
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no usable oneDNN")
+def test_packed_weights_follow_in_place_updates(model, monkeypatch):
+    """The packed copy is rebuilt after an in-place update of any decode matrix, never served stale."""
+    ids = prompts(4, 6, seed=8)
+    before = model.generate(ids, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True)
+    with torch.no_grad():
+        model.policy.layers[-1].mlp.gate_up_proj.weight.mul_(-2.0)
+        model.world_model.lm_head.weight.add_(torch.randn_like(model.world_model.lm_head.weight))
+    packed, unpacked = packed_and_unpacked(model, monkeypatch, ids, max_new_tokens=10, min_new_tokens=10)
+    assert not torch.allclose(packed.action_logprobs, before.action_logprobs)
+    assert torch.equal(packed.sequences, unpacked.sequences) and torch.equal(packed.actions, unpacked.actions)
+
+
+@pytest.mark.skipif(not kernels.onednn_available(), reason="this torch build has no usable oneDNN")
+def test_policy_update_repacks_only_the_policy(model):
+    """RL steps change the policy alone: the world model's packed weights are kept, the policy's rebuilt."""
+    ids = prompts(4, 6, seed=9)
+    model.generate(ids, max_new_tokens=3)
+    world, policy = model._decode_packed_world[1], model._decode_packed_policy[1]
+    with torch.no_grad():
+        model.policy.head.weight.mul_(0.5)
+    model.generate(ids, max_new_tokens=3)
+    assert model._decode_packed_world[1] is world and model._decode_packed_policy[1] is not policy
 
 
 def test_sdpa_decode_path_equals_recomputation(model, monkeypatch):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
+from . import kernels
+
 # Keywords transformers' generate takes that mean nothing different here (always cached, no beams).
 _IGNORED_GENERATE_KWARGS = {"use_cache", "output_scores", "output_attentions", "output_hidden_states",
                             "synced_gpus", "generation_config", "logits_processor", "stopping_criteria"}
@@ -100,14 +102,20 @@ def _caches(model, trunk, batch: int, max_len: int, layers=None) -> list:
 # Pairing copies the paired blocks' weights (``_stacked_pair_weights``): worth it where per-op overhead rules the
 # step, i.e. small models; above this many bytes of paired weights the decode step runs the blocks one by one.
 _PAIRED_BYTES_LIMIT = 256 * 2**20
+# A decode step of at least this many rows multiplies with weights packed for oneDNN (``kernels.pack``, a copy of
+# the decode matrices, kept up to this many bytes) where oneDNN is available: 0.73 ms (17%) off the benchmark's
+# batch-8 step; at 1-2 rows the per-call cost of oneDNN loses to the bmm over column blocks.
+_PACKED_MIN_ROWS = 4
+_PACKED_BYTES_LIMIT = 512 * 2**20
 
 
 def _decode_pairs(model, device) -> int:
     """How many leading (policy block, world-model block) pairs the CPU decode step runs as one stacked block.
 
     Both blocks of a pair read only the fed token (the action enters the world model at ``action_layer``), so
-    they run side by side: every product is one bmm over the two weights (a thread each), every other op runs
-    once for both. That halves the op count of those layers, which is what a small model's step costs on CPU."""
+    they run side by side: every product is one bmm over the two weights (a thread each), or two oneDNN
+    products, and every other op runs once for both. That halves the op count of those layers, which is what a
+    small model's step costs on CPU."""
     if device.type not in _Decoder.plain_attention_on:
         return 0
     pairs = min(model.world_model.action_layer, len(model.policy.layers))
@@ -126,30 +134,64 @@ def _pair_caches(policy_caches, world_caches, pairs: int) -> list:
     return joint
 
 
+def _derived_weights(model, attr: str, sources, build):
+    """``build()`` (run without autograd), cached on the model as ``attr`` until a tensor of ``sources``
+    changes storage or is updated in place: an optimiser step bumps its version (RL updates the policy between
+    rollouts). Parameters made under inference_mode carry no version; they cannot be updated outside it."""
+    key = tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in sources)
+    cached = getattr(model, attr, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    with torch.no_grad():
+        value = build()
+    setattr(model, attr, (key, value))
+    return value
+
+
 _PAIRED_WEIGHTS = ("input_layernorm", "self_attn.qkv_proj", "self_attn.o_proj", "post_attention_layernorm",
                    "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def _stacked_pair_weights(model, pairs: int) -> list:
-    """Per pair, ``_PAIRED_WEIGHTS`` stacked policy first: norms (2, 1, hidden), matrices (2, in, out).
-
-    Cached on the model, and rebuilt when a source parameter changes storage or is updated in place (an optimiser
-    step bumps its version: RL updates the policy between rollouts). Parameters made under inference_mode carry
-    no version; they cannot be updated outside it."""
+    """Per pair, ``_PAIRED_WEIGHTS`` stacked policy first: norms (2, 1, hidden), matrices (2, in, out)."""
     blocks = [(model.policy.layers[i], model.world_model.layers[i]) for i in range(pairs)]
-    key = tuple((t.data_ptr(), None if t.is_inference() else t._version)
-                for pair in blocks for block in pair for t in block.parameters())
-    cached = getattr(model, "_decode_pair_cache", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    stacked = []
-    with torch.no_grad():
-        for pair in blocks:
-            weights = [[block.get_submodule(name).weight for block in pair] for name in _PAIRED_WEIGHTS]
-            stacked.append(tuple(torch.stack(w)[:, None] if w[0].dim() == 1
-                                 else torch.stack([t.t() for t in w]).contiguous() for w in weights))
-    model._decode_pair_cache = (key, stacked)
-    return stacked
+
+    def build():
+        return [tuple(torch.stack(w)[:, None] if w[0].dim() == 1 else torch.stack([t.t() for t in w]).contiguous()
+                      for w in ([block.get_submodule(name).weight for block in pair] for name in _PAIRED_WEIGHTS))
+                for pair in blocks]
+    return _derived_weights(model, "_decode_pair_cache", [t for pair in blocks for b in pair for t in b.parameters()],
+                            build)
+
+
+def _decode_matrices(model) -> dict:
+    """The (out, in) matrices a decode step multiplies by, by parameter id, in two groups: the policy's, and the
+    world model's (W_dyn's hidden half under "dyn_h")."""
+    world, policy = model.world_model, model.policy
+    groups = {}
+    for name, trunk, head in (("policy", policy, policy.head), ("world", world, world.lm_head)):
+        mats = {id(p): p for block in trunk.layers for p in block.parameters() if p.dim() == 2}
+        groups[name] = mats | {id(head.weight): head.weight}
+    groups["world"]["dyn_h"] = world.dynamics.weight[:, :model.config.hidden_size]
+    return groups
+
+
+def _packed_decoding(model, device, rows: int) -> bool:
+    """Whether a decode step of ``rows`` rows multiplies with oneDNN-packed weights (``_packed_weights``)."""
+    if device.type != "cpu" or rows < _PACKED_MIN_ROWS or model.world_model.lm_head.weight.dtype != torch.float32:
+        return False
+    size = sum(t.numel() * t.element_size() for mats in _decode_matrices(model).values() for t in mats.values())
+    return size <= _PACKED_BYTES_LIMIT and kernels.onednn_available()
+
+
+def _packed_weights(model) -> dict:
+    """``_decode_matrices`` packed for oneDNN, cached on the model like ``_stacked_pair_weights``, per group: RL
+    updates only the policy, and the world model's packed copy stays."""
+    packed = {}
+    for name, mats in _decode_matrices(model).items():
+        packed |= _derived_weights(model, f"_decode_packed_{name}", list(mats.values()),
+                                   lambda mats=mats: {k: kernels.pack(w) for k, w in mats.items()})
+    return packed
 
 
 # ----- the single-position decode step -------------------------------------------------------------------------
@@ -175,6 +217,10 @@ class _Decoder:
     (``optimize_for_cpu_decoding``) read faster still. The policy's and the world model's blocks below the action
     read only the token, so on CPU they run in pairs (``_decode_pairs``, ``_pair_block``): half the ops for those
     layers, which took 6% off the benchmark's batch-8 generate and 16% off batch 1 (the copy costs 23 MB there).
+
+    From ``_PACKED_MIN_ROWS`` rows on, a float32 CPU step multiplies through oneDNN instead, with every decode
+    matrix packed once for it (``kernels``; the residual adds ride in the products): at a few rows a product
+    is no longer bound by reading the weight alone, and MKL's AVX2 kernels (on AMD) fall behind oneDNN's.
     """
 
     # Device types that attend with two bmms and a softmax rather than SDPA: SDPA's CPU kernel costs more than
@@ -191,17 +237,20 @@ class _Decoder:
         on_cpu = cos.device.type == "cpu"
         self.blocks = torch.get_num_threads() if on_cpu else 1
         world, policy = model.world_model, model.policy
+        # oneDNN-packed weights (looked up by parameter) and their product, or column-block views and the bmm.
+        self.packed = _packed_weights(model) if _packed_decoding(model, cos.device, cos.shape[0]) else None
+        self.linear = self._linear if self.packed is None else kernels.packed_linear
         self.policy_layers = None if policy_caches is None else [
             self._weights(b, k) for b, k in zip(policy.layers, policy_caches)]
         self.world_layers = [self._weights(b, k) for b, k in zip(world.layers, world_caches)]
         self.action_layer = world.action_layer
         self.policy_embed, self.policy_norm = policy.embed_tokens.weight, policy.norm.weight
-        self.policy_head = self._split(policy.head.weight)
+        self.policy_head = self._prepare(policy.head.weight)
         self.world_embed, self.world_norm = world.embed_tokens.weight, world.norm.weight
-        self.lm_head, self.dynamics_norm = self._split(world.lm_head.weight), world.dynamics_norm.weight
+        self.lm_head, self.dynamics_norm = self._prepare(world.lm_head.weight), world.dynamics_norm.weight
         h = c.hidden_size
         w_dyn = world.dynamics.weight
-        self.dyn_h = self._split(w_dyn[:, :h])
+        self.dyn_h = self.packed["dyn_h"] if self.packed is not None else self._split(w_dyn[:, :h])
         projected = world.action_proj(model.action_codebook.embed.weight).to(w_dyn.dtype)
         self.action_table = F.linear(projected, w_dyn[:, h:])  # (num_actions, hidden)
         # Rotary for the fed positions: lists of (batch, heads + kv_heads, head_dim) views, one per step.
@@ -219,10 +268,21 @@ class _Decoder:
         if key_bias is not None and self.plain_attention:  # as (rows * kv_heads, 1, keys), for the bmm scores
             self.key_bias = key_bias.expand(-1, self.n_kv, -1, -1).flatten(0, 1)
         self.pairs = len(joint_caches)
-        self.paired_layers = [
-            (*weights, keys, values, keys.flatten(0, 2), values.flatten(0, 2))
-            for weights, (keys, values) in zip(_stacked_pair_weights(model, self.pairs), joint_caches)]
+        if self.packed is None:
+            weights = _stacked_pair_weights(model, self.pairs)
+            self.pair_linear = self._pair_bmm
+        else:  # the norms stacked (2, 1, hidden), each matrix as its (policy, world model) packed pair
+            weights = [tuple(torch.stack([p, w])[:, None] if torch.is_tensor(p) and p.dim() == 1 else (p, w)
+                             for p, w in zip(self.policy_layers[i][:6], self.world_layers[i][:6]))
+                       for i in range(self.pairs)]
+            self.pair_linear = self._pair_packed
+        self.paired_layers = [(*w, keys, values, keys.flatten(0, 2), values.flatten(0, 2))
+                              for w, (keys, values) in zip(weights, joint_caches)]
         self.pair_key_bias = None if self.key_bias is None or not self.pairs else self.key_bias.repeat(2, 1, 1)
+
+    def _prepare(self, weight):
+        """A parameter (out, in) -> the form ``self.linear`` multiplies by."""
+        return self._split(weight) if self.packed is None else self.packed[id(weight)]
 
     def _split(self, weight):
         """(out, in) weight -> (blocks, in, out / blocks) view for ``_linear``, or (in, out) when not split."""
@@ -246,15 +306,15 @@ class _Decoder:
 
     def _weights(self, block, cache):
         a, m = block.self_attn, block.mlp
-        return (block.input_layernorm.weight, self._split(a.qkv_proj.weight), self._split(a.o_proj.weight),
-                block.post_attention_layernorm.weight, self._split(m.gate_up_proj.weight),
-                self._split(m.down_proj.weight), cache.keys, cache.values, cache.keys.flatten(0, 1),
+        return (block.input_layernorm.weight, self._prepare(a.qkv_proj.weight), self._prepare(a.o_proj.weight),
+                block.post_attention_layernorm.weight, self._prepare(m.gate_up_proj.weight),
+                self._prepare(m.down_proj.weight), cache.keys, cache.values, cache.keys.flatten(0, 1),
                 cache.values.flatten(0, 1))
 
     def _block(self, x, layer, step, col):
         ln1, w_qkv, w_o, ln2, w_gate_up, w_down, keys, values, keys_3d, values_3d = layer
         b, nh, nkv = x.shape[0], self.n_heads, self.n_kv
-        qkv = self._linear(_rms(x, ln1, self.eps), w_qkv).view(b, nh + 2 * nkv, self.head_dim)
+        qkv = self.linear(_rms(x, ln1, self.eps), w_qkv).view(b, nh + 2 * nkv, self.head_dim)
         qk = qkv[:, :nh + nkv]
         qk = torch.addcmul(qk * self.cos[step], qk.roll(self.head_dim // 2, -1), self.sin[step])
         keys[:, :, col] = qk[:, nh:]
@@ -272,22 +332,23 @@ class _Decoder:
             y = F.scaled_dot_product_attention(
                 qk[:, :nh].view(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1], values[:, :, :col + 1],
                 attn_mask=None if self.key_bias is None else self.key_bias[..., :col + 1])
-        x = self._linear(y.view(b, -1), w_o, x)
+        x = self.linear(y.view(b, -1), w_o, x)
         h = _rms(x, ln2, self.eps)
-        if w_gate_up.dim() == 3 and w_gate_up.shape[0] == 2:
+        if self.packed is None and w_gate_up.dim() == 3 and w_gate_up.shape[0] == 2:
             # two column blocks are exactly [gate; up]: read them from the bmm's output, no transpose copy
             gate, up = torch.bmm(h.expand(2, *h.shape), w_gate_up).unbind(0)
         else:
-            gate, up = self._linear(h, w_gate_up).chunk(2, dim=-1)
-        return self._linear(F.silu(gate) * up, w_down, x)
+            gate, up = self.linear(h, w_gate_up).chunk(2, dim=-1)
+        return self.linear(F.silu(gate) * up, w_down, x)
 
     def _pair_block(self, x, layer, step, col):
         """``_block`` for a policy block and a world-model block at once: x (2, batch, hidden), policy first.
-        Each product is one bmm of the two stacked weights (a thread each), each other op runs once for both."""
+        Each product is one ``pair_linear`` of the two weights, each other op runs once for both."""
         ln1, w_qkv, w_o, ln2, w_gate_up, w_down, keys, values, keys_3d, values_3d = layer
         m, b, hidden = x.shape
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
-        qkv = torch.bmm(F.rms_norm(x, (hidden,), eps=self.eps) * ln1, w_qkv).view(m, b, nh + 2 * nkv, d)
+        linear = self.pair_linear
+        qkv = linear(F.rms_norm(x, (hidden,), eps=self.eps) * ln1, w_qkv).view(m, b, nh + 2 * nkv, d)
         qk = qkv[:, :, :nh + nkv]
         qk = torch.addcmul(qk * self.cos[step], qk.roll(d // 2, -1), self.sin[step])  # queries pre-scaled
         keys[:, :, :, col] = qk[:, :, nh:]
@@ -296,9 +357,23 @@ class _Decoder:
         if self.pair_key_bias is not None:
             scores += self.pair_key_bias[..., :col + 1]
         y = torch.bmm(scores.softmax(-1), values_3d[:, :col + 1])
-        x = torch.baddbmm(x, y.view(m, b, nh * d), w_o)
-        gate, up = torch.bmm(F.rms_norm(x, (hidden,), eps=self.eps) * ln2, w_gate_up).chunk(2, dim=-1)
-        return torch.baddbmm(x, F.silu(gate) * up, w_down)
+        x = linear(y.view(m, b, nh * d), w_o, x)
+        gate, up = linear(F.rms_norm(x, (hidden,), eps=self.eps) * ln2, w_gate_up).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, w_down, x)
+
+    @staticmethod
+    def _pair_bmm(x, weights, residual=None):
+        """x (2, rows, in) times the stacked weights (2, in, out): one bmm, a thread per weight on 2 cores."""
+        return torch.bmm(x, weights) if residual is None else torch.baddbmm(residual, x, weights)
+
+    @staticmethod
+    def _pair_packed(x, weights, residual=None):
+        """x (2, rows, in) times a (policy, world model) pair of packed weights: a oneDNN product per half,
+        stacked back for the ops that run once for both."""
+        mm = kernels.packed_linear
+        if residual is None:
+            return torch.stack([mm(x[0], weights[0]), mm(x[1], weights[1])])
+        return torch.stack([mm(x[0], weights[0], residual[0]), mm(x[1], weights[1], residual[1])])
 
     def lower_step(self, tokens, step, col, policy=True):
         """tokens (batch,) at cache column ``col`` -> (action logits (batch, num_actions) float32 or None
@@ -318,17 +393,17 @@ class _Decoder:
             xp = self._block(xp, layer, step, col)
         for layer in self.world_layers[self.pairs:self.action_layer]:
             xw = self._block(xw, layer, step, col)
-        return self._linear(_rms(xp, self.policy_norm, self.eps), self.policy_head).float(), xw
+        return self.linear(_rms(xp, self.policy_norm, self.eps), self.policy_head).float(), xw
 
     def upper_step(self, x, actions, step, col):
         """``lower_step``'s world hidden state, actions (batch,) -> next-token logits (batch, vocab) float32."""
         x = self._inject(x, actions)
         for layer in self.world_layers[self.action_layer:]:
             x = self._block(x, layer, step, col)
-        return self._linear(_rms(x, self.world_norm, self.eps), self.lm_head).float()
+        return self.linear(_rms(x, self.world_norm, self.eps), self.lm_head).float()
 
     def _inject(self, x, actions):
-        mixed = self._linear(x, self.dyn_h, self.action_table[actions])
+        mixed = self.linear(x, self.dyn_h, F.embedding(actions, self.action_table))
         return x + _rms(mixed, self.dynamics_norm, self.eps)
 
 
@@ -702,7 +777,8 @@ class BWAreaGenerationMixin:
         """Store the decode path's matrices (policy and world model) column-major, in place; returns the model.
 
         A decode step reads every weight once, and on CPU MKL streams a column-major weight ~1.4x faster for
-        the few rows of a step. Values, shapes and every forward pass stay the same, but the parameters become
+        the one to three rows of a step (from four rows on, decoding multiplies with its own oneDNN-packed copy,
+        whatever the layout; oneDNN's prompt products are as fast either way). Values, shapes and every forward pass stay the same, but the parameters become
         non-contiguous views: do this for inference (the CLI and server do), not for a model whose raw
         tensors other code expects contiguous (``safetensors.torch.save_file`` on a state dict,
         ``parameters_to_vector``); ``save_pretrained`` is unaffected. A no-op off CPU.
@@ -732,7 +808,12 @@ class BWAreaGenerationMixin:
         inverse = self.infer_actions(input_ids, attention_mask)[0]
         lower = w.run(w.embed_tokens(input_ids), cos, sin, mask, None, 0, w.action_layer)
         caches = _caches(self, w, batch, width, range(w.action_layer, len(w.layers)))
-        w.run(w.inject(lower, self.action_codebook(inverse)), cos, sin, mask, caches, w.action_layer)
+        if w.action_layer < len(w.layers):
+            # Only the upper blocks' keys/values are kept: the last block needs no attention or MLP.
+            h = w.run(w.inject(lower, self.action_codebook(inverse)), cos, sin, mask, caches, w.action_layer,
+                      len(w.layers) - 1)
+            last = w.layers[-1]
+            caches[-1].update(*last.self_attn.project(last.input_layernorm(h), cos, sin)[1:])
         valid = torch.ones(batch, width, dtype=torch.bool, device=input_ids.device) if attention_mask is None \
             else attention_mask.bool()
         return lower, caches, cos, sin, valid

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import checkpoint
+from . import checkpoint, kernels
 from .config import BWAreaConfig
 from .generation import BWAreaGenerationMixin
 
@@ -40,6 +40,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as Llama does, so bf16 matches.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose products without autograd may run on oneDNN on CPU (``kernels.linear``): prompts,
+    fan-out and likelihoods go ~2x faster where torch's MKL takes its AVX2 path. Training goes through
+    F.linear, and the state dict is nn.Linear's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
 
 
 class Rotary(nn.Module):
@@ -70,9 +79,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+        self.qkv_proj = Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
                                   bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None):
         """x (batch, seq, hidden); mask None (plain causal) or bool (batch|1, 1, seq, keys), True = attend.
@@ -81,11 +90,7 @@ class Attention(nn.Module):
         the mask unless it is decoding one unpadded position.
         """
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
-        q = apply_rotary(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rotary(k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
         # SDPA's is_causal aligns top-left, so it is only right when queries and keys are the same positions.
@@ -96,14 +101,24 @@ class Attention(nn.Module):
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
+    def project(self, x, cos, sin):
+        """x (batch, seq, hidden) -> rotated queries (batch, heads, seq, head_dim), rotated keys and values
+        (batch, kv_heads, seq, head_dim)."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        q = apply_rotary(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rotary(k.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        return q, k, v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
 
 class MLP(nn.Module):
     """SwiGLU feed-forward with the gate and up projections fused into one matrix."""
 
     def __init__(self, config: BWAreaConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -147,10 +162,10 @@ class WorldModel(Trunk):
     def __init__(self, config: BWAreaConfig):
         super().__init__(config, config.num_hidden_layers)
         self.action_layer = config.action_layer
-        self.action_proj = nn.Linear(config.codebook_dim, config.hidden_size, bias=False)  # U (released: unpress)
-        self.dynamics = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # W_dyn
+        self.action_proj = Linear(config.codebook_dim, config.hidden_size, bias=False)  # U (released: unpress)
+        self.dynamics = Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # W_dyn
         self.dynamics_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def inject(self, h: torch.Tensor, action_vectors: torch.Tensor) -> torch.Tensor:
         """h (..., hidden), action_vectors (..., codebook_dim) -> h + RMSNorm(W_dyn [h ; U e_a])."""
@@ -169,7 +184,7 @@ class InverseDynamics(Trunk):
 
     def __init__(self, config: BWAreaConfig):
         super().__init__(config, config.inverse_layers)
-        self.press = nn.Linear(config.hidden_size, config.codebook_dim, bias=False)
+        self.press = Linear(config.hidden_size, config.codebook_dim, bias=False)
 
     def forward(self, input_ids, cos, sin, mask=None):
         """input_ids (batch, seq) -> action latents (batch, seq, codebook_dim), before quantisation."""
@@ -184,7 +199,7 @@ class Policy(Trunk):
 
     def __init__(self, config: BWAreaConfig):
         super().__init__(config, config.policy_layers)
-        self.head = nn.Linear(config.hidden_size, config.num_actions, bias=False)
+        self.head = Linear(config.hidden_size, config.num_actions, bias=False)
 
     def forward(self, input_ids, cos, sin, mask=None, kv_caches=None):
         """input_ids (batch, seq) -> action logits (batch, seq, num_actions), float32."""
@@ -465,7 +480,7 @@ def _resized(module: nn.Module, n: int) -> nn.Module:
     if isinstance(module, nn.Embedding):
         out = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
     else:
-        out = nn.Linear(old.shape[1], n, bias=False, device=old.device, dtype=old.dtype)
+        out = Linear(old.shape[1], n, bias=False, device=old.device, dtype=old.dtype)
     out.weight.data = new
     return out
 
