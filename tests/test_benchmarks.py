@@ -1,5 +1,5 @@
 """The benchmarks end to end at a toy scale: the training-quality runs, split and JSON; the generation
-benchmark's table, JSON and memory probe."""
+benchmark's table, JSON and memory probe; the kernel benchmark's JSON."""
 
 import json
 import sys
@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_generation  # noqa: E402
+import bench_kernels  # noqa: E402
 from bench_training_quality import main, split_lines  # noqa: E402
 
 WORDS = "the king said to his lord that all men shall go forth and the queen did weep for her son".split()
@@ -76,3 +77,18 @@ def test_generation_benchmark_writes_every_row(tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_growth_mb"] >= 0
+
+
+@pytest.mark.skipif(not bench_kernels.kernels.onednn_available(), reason="this torch build has no usable oneDNN")
+def test_kernel_benchmark_times_every_matrix_and_row_count(tmp_path):
+    out = tmp_path / "kernels.json"
+    before = torch.get_num_threads()
+    try:
+        bench_kernels.main(["--rows", "1", "16", "--repeats", "3", "--threads", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads(out.read_text())
+    assert {(r["matrix"], r["rows"]) for r in report["products"]} == {
+        (m, rows) for m in bench_kernels.MATRICES for rows in (1, 16)}
+    assert all(r["f_linear_us"] > 0 and r["packed_linear_us"] > 0 for r in report["products"])
+    assert report["one_core_gflops"]["mkl"] > 0 and report["one_core_gflops"]["onednn"] > 0

@@ -778,10 +778,11 @@ class BWAreaGenerationMixin:
 
         A decode step reads every weight once, and on CPU MKL streams a column-major weight ~1.4x faster for
         the one to three rows of a step (from four rows on, decoding multiplies with its own oneDNN-packed copy,
-        whatever the layout; oneDNN's prompt products are as fast either way). Values, shapes and every forward pass stay the same, but the parameters become
-        non-contiguous views: do this for inference (the CLI and server do), not for a model whose raw
-        tensors other code expects contiguous (``safetensors.torch.save_file`` on a state dict,
-        ``parameters_to_vector``); ``save_pretrained`` is unaffected. A no-op off CPU.
+        whatever the layout; oneDNN's prompt products are as fast either way). Values, shapes and every forward
+        pass stay the same, but the parameters become non-contiguous views: do this for inference (the CLI and
+        server do), not for a model whose raw tensors other code expects contiguous
+        (``safetensors.torch.save_file`` on a state dict, ``parameters_to_vector``); ``save_pretrained`` is
+        unaffected. A no-op off CPU.
         """
         if self.world_model.lm_head.weight.device.type != "cpu":
             return self

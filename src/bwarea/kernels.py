@@ -2,9 +2,12 @@
 
 torch multiplies float32 matrices on CPU with MKL, and MKL runs its AVX2 kernels on AMD processors even where
 they have AVX-512. oneDNN (bundled with torch, as ``torch.ops.mkldnn``) picks its kernels from the CPU's
-features, so on such machines it multiplies 2-2.4x faster at the row counts of a prompt (16 to 4096 rows; the
-2-core AMD EPYC bwarea is developed on). For a decode step's few rows, a weight stored once in oneDNN's blocked
-layout (``pack``) is faster still, 1.4-3x (the larger the weight, the more).
+features. On the 2-core AMD EPYC bwarea is developed on (one core: MKL 100 GFLOP/s, oneDNN 220):
+- unpacked, oneDNN multiplies the benchmark model's matrices 0.8-1.9x as fast as MKL at 16 rows, and 1.2-2.8x
+  at 64 to 4096 rows (prompts, fan-out, likelihoods);
+- a weight stored once in oneDNN's blocked layout (``pack``) serves a decode step's few rows: from 4 rows on it
+  is 1.2-3.9x as fast as MKL, but for the smallest matrix (256 x 256, 0.9x).
+``benchmarks/bench_kernels.py`` measures all of this on the machine at hand.
 
 Everything here is inference-only: a product that autograd has to see, a compiled graph, a device other
 than the CPU or a dtype other than float32 goes through ``F.linear``, as does everything when oneDNN's ops are
@@ -18,7 +21,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-# Below this many rows an unpacked weight gains nothing over MKL's mm (measured: 1.0x at 8 rows, 1.5x at 16).
+# From this many rows an unpacked weight beats MKL's mm, except the smallest (bench_kernels.py: 0.8-1.9x at 16
+# rows, 1.1-2.1x at 32; 0.8-1.0x at 8).
 MIN_ROWS = 16
 
 _available: bool | None = None
@@ -56,8 +60,9 @@ def _routable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return False  # training: autograd needs F.linear's backward
-    if weight.layout != torch.strided or torch.compiler.is_compiling():
-        return False
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter) \
+            or weight.layout != torch.strided or torch.compiler.is_compiling():
+        return False  # tensor subclasses (DTensor, fake tensors) and compiled graphs keep torch's own route
     return x.numel() >= MIN_ROWS * x.shape[-1] and onednn_available()
 
 
