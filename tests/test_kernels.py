@@ -78,3 +78,10 @@ def test_a_failing_self_check_turns_the_route_off(monkeypatch):
     monkeypatch.setattr(kernels, "pack", broken)
     monkeypatch.setattr(kernels, "_available", None)
     assert not kernels.onednn_available()
+
+
+def test_cpu_autocast_keeps_its_precision():
+    """Under CPU autocast F.linear computes in bf16; the oneDNN route must not silently return float32."""
+    x, w = torch.randn(32, 16), torch.randn(8, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.linear(x, w).dtype == F.linear(x, w).dtype == torch.bfloat16

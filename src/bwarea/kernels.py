@@ -63,6 +63,8 @@ def _routable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter) \
             or weight.layout != torch.strided or torch.compiler.is_compiling():
         return False  # tensor subclasses (DTensor, fake tensors) and compiled graphs keep torch's own route
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast casts F.linear's inputs (to bf16): keep the precision it asked for
     return x.numel() >= MIN_ROWS * x.shape[-1] and onednn_available()
 
 
