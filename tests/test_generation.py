@@ -186,7 +186,7 @@ def test_packed_decode_equals_bmm_decode_and_recomputation(monkeypatch, override
     model = BWAreaForCausalLM(tiny_config(**overrides)).eval()
     rows = [prompts(1, n, seed=10 + n)[0] for n in (3, 9, 5, 9, 7)]
     ids, mask = left_pad(rows)
-    assert generation._packed_decoding(model, torch.device("cpu"), len(rows))
+    assert generation._packed_weights(model, torch.device("cpu"), len(rows)) is not None
     packed, unpacked = packed_and_unpacked(model, monkeypatch, ids, mask, max_new_tokens=14, min_new_tokens=14,
                                            action_greedy=False, seed=4)
     assert len(set(packed.actions.flatten().tolist())) > 3

@@ -176,19 +176,19 @@ def _decode_matrices(model) -> dict:
     return groups
 
 
-def _packed_decoding(model, device, rows: int) -> bool:
-    """Whether a decode step of ``rows`` rows multiplies with oneDNN-packed weights (``_packed_weights``)."""
+def _packed_weights(model, device, rows: int) -> dict | None:
+    """``_decode_matrices`` packed for oneDNN where a decode step of ``rows`` rows multiplies with them (float32
+    on CPU, from ``_PACKED_MIN_ROWS`` rows, up to ``_PACKED_BYTES_LIMIT``, oneDNN usable), else None. Cached on
+    the model like ``_stacked_pair_weights``, per group: RL updates only the policy, and the world model's
+    packed copy stays."""
     if device.type != "cpu" or rows < _PACKED_MIN_ROWS or model.world_model.lm_head.weight.dtype != torch.float32:
-        return False
-    size = sum(t.numel() * t.element_size() for mats in _decode_matrices(model).values() for t in mats.values())
-    return size <= _PACKED_BYTES_LIMIT and kernels.onednn_available()
-
-
-def _packed_weights(model) -> dict:
-    """``_decode_matrices`` packed for oneDNN, cached on the model like ``_stacked_pair_weights``, per group: RL
-    updates only the policy, and the world model's packed copy stays."""
+        return None
+    groups = _decode_matrices(model)
+    size = sum(t.numel() * t.element_size() for mats in groups.values() for t in mats.values())
+    if size > _PACKED_BYTES_LIMIT or not kernels.onednn_available():
+        return None
     packed = {}
-    for name, mats in _decode_matrices(model).items():
+    for name, mats in groups.items():
         packed |= _derived_weights(model, f"_decode_packed_{name}", list(mats.values()),
                                    lambda mats=mats: {k: kernels.pack(w) for k, w in mats.items()})
     return packed
@@ -238,7 +238,7 @@ class _Decoder:
         self.blocks = torch.get_num_threads() if on_cpu else 1
         world, policy = model.world_model, model.policy
         # oneDNN-packed weights (looked up by parameter) and their product, or column-block views and the bmm.
-        self.packed = _packed_weights(model) if _packed_decoding(model, cos.device, cos.shape[0]) else None
+        self.packed = _packed_weights(model, cos.device, cos.shape[0])
         self.linear = self._linear if self.packed is None else kernels.packed_linear
         self.policy_layers = None if policy_caches is None else [
             self._weights(b, k) for b, k in zip(policy.layers, policy_caches)]

@@ -1,6 +1,6 @@
 """The BWArea model: one file, read top to bottom.
 
-    RMSNorm -> rotary -> attention -> MLP -> Block -> Trunk
+    RMSNorm, Linear -> rotary -> attention -> MLP -> Block -> Trunk
     -> WorldModel, InverseDynamics, Policy, ActionCodebook -> BWAreaForCausalLM
 
 A BWArea model is three Llama-style transformers that share a discrete action space of
@@ -80,7 +80,7 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         self.qkv_proj = Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
-                                  bias=False)
+                               bias=False)
         self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None):
