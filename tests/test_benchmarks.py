@@ -79,6 +79,24 @@ def test_generation_benchmark_writes_every_row(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_growth_mb"] >= 0
 
 
+def test_generation_benchmark_busy_mode_runs_beside_a_second_process(tmp_path, capsys):
+    out = tmp_path / "busy.json"
+    before = torch.get_num_threads()
+    try:
+        bench_generation.main(["--busy", "--batch", "1", "--new", "2", "--prompt", "4", "--repeats", "1",
+                               "--threads", "1", "--busy-seconds", "120", "--out", str(out)])
+    finally:
+        torch.set_num_threads(before)
+    report = json.loads(out.read_text())
+    assert {r["model"] for r in report["generation"]} == {"BWArea", "Llama-16"}
+    assert report["fanout"] is None and set(report["targets"]) == {"batch 1: BWArea / Llama-16 <= 0.8",
+                                                                   "batch 8: BWArea / Llama-16 <= 0.8"}
+    load = report["load"]
+    assert "second bwarea process" in load["beside"] and load["neighbour"]["seconds"] > 0
+    assert len(load["load_average_before"]) == 3 and "--busy" in report["setup"]["command"]
+    assert "the second process ran" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(not bench_kernels.kernels.onednn_available(), reason="this torch build has no usable oneDNN")
 def test_kernel_benchmark_times_every_matrix_and_row_count(tmp_path):
     out = tmp_path / "kernels.json"

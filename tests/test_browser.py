@@ -22,6 +22,37 @@ SHOWN = """() => {
         && document.querySelector('#fanout').dataset.prompt === prompt;
 }"""
 
+
+
+def rgb(css: str) -> tuple[int, int, int]:
+    """'rgb(12, 34, 56)' -> (12, 34, 56)."""
+    return tuple(int(x) for x in css[css.index("(") + 1:css.index(")")].split(",")[:3])
+
+
+def linear(c: tuple[int, int, int]) -> list[float]:
+    return [(v / 255 / 12.92) if v / 255 <= 0.04045 else ((v / 255 + 0.055) / 1.055) ** 2.4 for v in c]
+
+
+def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """WCAG contrast ratio of two sRGB colours."""
+    def luminance(c):
+        r, g, b = linear(c)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def delta_e(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """CIE76 colour difference of two sRGB colours (about 2.3: just noticeable; over 10: clearly different)."""
+    def lab(c):
+        r, g, b = linear(c)
+        f = [t ** (1 / 3) if t > 216 / 24389 else (24389 / 27 * t + 16) / 116 for t in (
+            (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047, 0.2126 * r + 0.7152 * g + 0.0722 * b,
+            (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883)]
+        return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+    return sum((x - y) ** 2 for x, y in zip(lab(a), lab(b))) ** 0.5
+
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
@@ -40,6 +71,8 @@ def test_explorer_page_end_to_end(tiny_model_dir):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.on("request", lambda r: requested.append(r.url))
+            failed = []
+            page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(base + "/")
@@ -54,11 +87,22 @@ def test_explorer_page_end_to_end(tiny_model_dir):
             action = first.get_attribute("data-action")
             assert f"action {action}" in first.get_attribute("title")
             assert first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"
+            # the action's number is shown after the token (drawn by CSS, so copied text stays the text)
+            assert first.evaluate("e => getComputedStyle(e, '::after').content") == f'"{action}"'
             first.hover()
 
             # The fan-out grid has a cell per action; clicking a next token under an action appends it.
             page.wait_for_selector(".cell[data-action='63']")
             assert page.locator(".cell").count() == 64
+            # Every action has its own colour, and its number is legible on it (WCAG AA: contrast >= 4.5).
+            badges = page.eval_on_selector_all(".cell .badge", """els => els.map(e => [Number(e.textContent),
+                getComputedStyle(e).backgroundColor, getComputedStyle(e).color])""")
+            assert sorted(a for a, _, _ in badges) == list(range(64))
+            backgrounds = {a: rgb(bg) for a, bg, _ in badges}
+            assert len(set(backgrounds.values())) == 64
+            closest = min(delta_e(backgrounds[a], backgrounds[b]) for a in range(64) for b in range(a))
+            assert closest >= 15, f"two actions' colours are only {closest:.1f} Delta-E apart"
+            assert min(contrast(rgb(bg), rgb(fg)) for _, bg, fg in badges) >= 4.5
             before = page.input_value("#prompt")
             choice = page.locator(".cell .choice:not([data-text=''])").first  # one that writes some text
             appended = choice.get_attribute("data-text")
@@ -80,6 +124,7 @@ def test_explorer_page_end_to_end(tiny_model_dir):
             generated.nth(generated.count() // 2).hover()  # the screenshot shows a token's action tooltip
             page.screenshot(path=str(ARTIFACTS / "explorer.png"), full_page=True)
             assert not errors, errors
+            assert not failed, failed  # no 404s: not even /favicon.ico
         finally:
             browser.close()
     hosts = {urlparse(u).hostname for u in requested if not u.startswith("data:")}

@@ -21,7 +21,7 @@ from bwarea import BWAreaForCausalLM, default_model, load_tokenizer
 from bwarea.cli import main
 
 PROMPT = "I like eating"
-VERBS = ["generate", "actions", "explore", "convert", "serve"]
+VERBS = ["generate", "actions", "explore", "convert", "serve", "search"]
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -82,6 +82,7 @@ def test_every_verb_has_help_with_an_example(verb, capsys):
     assert "examples:" in out and f"bwarea {verb}" in out.split("examples:")[1]
 
 
+@pytest.mark.slow
 def test_serve_verb_starts_a_server(tiny_model_dir):
     with socket.socket() as probe:  # a free port on 127.0.0.1
         probe.bind(("127.0.0.1", 0))

@@ -143,7 +143,7 @@ def test_cache_is_reused_and_invalidated(corpus, tokenizer, tmp_path, monkeypatc
 
     def no_tokenising(*args, **kwargs):
         raise AssertionError("tokenised again")
-    monkeypatch.setattr(data, "tokenize_file", no_tokenising)
+    monkeypatch.setattr(data, "token_chunks", no_tokenising)
     again = data.pack([corpus], tokenizer, 32, val_fraction=0.1, cache_dir=tmp_path)
     assert again.from_cache and again.key == first.key and np.array_equal(again.train, first.train)
     monkeypatch.undo()
@@ -164,14 +164,14 @@ def test_cache_is_reused_and_invalidated(corpus, tokenizer, tmp_path, monkeypatc
 
 def test_interrupted_cache_write_is_not_used(corpus, tokenizer, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = data.tokenize_file
+    real = data.token_chunks
 
-    def fail_on_second(path, tok):
+    def fail_on_second(path, tok, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full")
-        return real(path, tok)
-    monkeypatch.setattr(data, "tokenize_file", fail_on_second)
+        return real(path, tok, **kwargs)
+    monkeypatch.setattr(data, "token_chunks", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
         data.pack([corpus], tokenizer, 32, cache_dir=tmp_path)
     monkeypatch.undo()
@@ -190,3 +190,63 @@ def test_block_sampler_is_seeded_resumable_and_covers_each_epoch():
     assert not np.array_equal(data.BlockSampler(10, seed=4).indices(0, 10), stream[:10])
     with pytest.raises(ValueError, match="no training blocks"):
         data.BlockSampler(0, seed=0)
+
+
+# ----- bounded memory: devices, huge lines ---------------------------------------------------------------
+def test_devices_and_pipes_are_refused(tmp_path, tokenizer):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+    for path in [fifo, *(Path(p) for p in ("/dev/zero",) if Path(p).exists())]:
+        with pytest.raises(ValueError, match="not a regular file or folder"):
+            data.pack([path], tokenizer, 16, cache_dir=tmp_path / "cache")
+
+
+def test_a_huge_file_without_newlines_streams_in_bounded_memory(tmp_path, tokenizer, monkeypatch):
+    import tracemalloc
+    # Small limits stand in for the real ones, so a 0.8 MB one-line file plays a many-GB one.
+    monkeypatch.setattr(data, "READ_BYTES", 4096)
+    monkeypatch.setattr(data, "MAX_PIECE_CHARS", 4096)
+    monkeypatch.setattr(data, "CHUNK_CHARS", 512)
+    monkeypatch.setattr(data, "TOKENIZE_BATCH", 4)
+    monkeypatch.setattr(data, "TOKENIZE_CHARS", 2048)
+    words = "the king spoke and the queen answered him".split()
+    text = " ".join(words[(i * 7) % len(words)] for i in range(150_000))  # ~0.8 MB, no newline
+    (tmp_path / "line.txt").write_text(text)
+    tracemalloc.start()
+    try:
+        packed = data.pack([tmp_path / "line.txt"], tokenizer, 32, cache_dir=tmp_path / "cache", progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(text) / 3, peak  # reading it whole would hold the bytes and the text: 2x its size
+    # Cut at whitespace, the pieces tokenise exactly as the whole text does.
+    whole = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
+    assert np.array_equal(packed.train.reshape(-1), np.asarray(whole[:packed.train.size]))
+
+    # A run with no whitespace at all is cut at the limit: every character still arrives, once.
+    run = "x" * 20_000 + " and a tail"
+    pieces = list(data.text_pieces([run[i:i + 3000] for i in range(0, len(run), 3000)]))
+    assert "".join(pieces) == run and max(map(len, pieces)) <= 4096
+
+
+def test_the_streamed_validation_split_matches_split_stream(corpus, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "READ_BYTES", 1000)  # many blocks per file, characters split across them
+    (tmp_path / "u.txt").write_text(TEXT_A + "\n\nnaïve café 日本語 " * 50)
+    files = [corpus / "a.txt", tmp_path / "u.txt", corpus / "b.txt"]
+    packed = data.pack(files, tokenizer, 16, val_fraction=0.2, cache_dir=tmp_path / "cache", progress=False)
+    parts = [data.split_stream(data.tokenize_file(f, tokenizer), 0.2, tokenizer) for f in files]
+    for split in ("train", "val"):
+        expected = np.concatenate([p[split] for p in parts])
+        assert np.array_equal(getattr(packed, split).reshape(-1), expected[:getattr(packed, split).size])
+
+
+def test_a_jsonl_line_over_the_limit_is_refused(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "MAX_RECORD_BYTES", 1000)
+    bad = tmp_path / "docs.jsonl"
+    bad.write_text(json.dumps({"text": "short"}) + "\n" + json.dumps({"text": "y" * 5000}) + "\n")
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: a line longer than 1,000 bytes"):
+        data.pack([bad], tokenizer, 16, cache_dir=tmp_path / "cache")
+    monkeypatch.undo()
+    bad.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")  # nested too deep for the JSON parser
+    with pytest.raises(ValueError, match=r"docs.jsonl:2: not valid JSON"):
+        data.pack([bad], tokenizer, 16, cache_dir=tmp_path / "cache")

@@ -115,6 +115,113 @@ def test_decoding_does_not_depend_on_thread_count(model, threads):
     torch.testing.assert_close(out.action_logprobs, expected.action_logprobs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def run_steps(plan, clock, cost, steps, blocks=4):
+    """Drive a ``_StepThreads`` through ``steps`` decode steps of ``blocks`` blocks, a block on c threads taking
+    cost(step, c) / blocks seconds -> per step the count it ran on, "overran" where n threads gave up midway."""
+    ran = []
+    for step in range(steps):
+        plan.begin()
+        with plan.run():
+            for _ in range(blocks):
+                plan.check()
+                assert torch.get_num_threads() == plan.live
+                clock.now += cost(step, plan.live) / blocks
+        ran.append(plan.count if plan.live == plan.count else "overran")
+        plan.end()
+        assert torch.get_num_threads() == 2  # torch's setting between steps
+    return ran
+
+
+def test_step_threads_keep_all_threads_while_they_are_faster(two_threads):
+    clock = FakeClock()
+    plan = generation._StepThreads(2, clock)
+    ran = run_steps(plan, clock, lambda step, n: {2: 1.0, 1: 1.6}[n], 300)
+    # one thread first, then every thread, with one-thread re-timings ever further apart
+    assert [i for i, n in enumerate(ran) if n != 2] == [0, 9, 25, 57, 121, 249]
+
+
+def test_step_threads_fall_back_to_one_under_load_and_come_back(two_threads):
+    """A busy machine: a step on both threads takes 40x one thread's. The first try of both threads (and each
+    re-try) gives up after one block; once the load ends, steps go back to both threads."""
+    clock = FakeClock()
+    plan = generation._StepThreads(2, clock)
+
+    def cost(step, n):
+        busy = 20 <= step < 400
+        return {2: 40.0 if busy else 1.0, 1: 1.6 if busy else 1.6}[n]
+
+    ran = run_steps(plan, clock, cost, 700)
+    assert ran[:2] == [1, 2]
+    assert ran[20] == "overran" and set(ran[21:400]) <= {1, "overran"}
+    tries = [i for i in range(400) if ran[i] == "overran"]
+    assert tries == [20, 28, 44, 76, 140, 268]  # 8, 16, ... steps apart
+    back = ran.index(2, 400)
+    assert back <= 268 + 256 and set(ran[back:]) <= {1, 2} and ran[-100:].count(2) >= 98
+    # against the faster count at every step: a block on both threads per try under load, and one thread until
+    # the first re-try after it (plus a few one-thread re-timings)
+    fastest = sum(min(cost(s, 1), cost(s, 2)) for s in range(700))
+    assert clock.now - fastest < len(tries) * 40.0 / 4 + (back - 400) * 0.6 + 10 * 0.6
+
+
+def test_step_threads_hand_back_torchs_setting_on_error(two_threads):
+    plan = generation._StepThreads(2, FakeClock())
+    plan.begin()
+    with pytest.raises(RuntimeError, match="boom"):
+        with plan.run():
+            assert torch.get_num_threads() == 1  # the first step runs on one thread
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("batch", [1, 5])  # 5 rows: the oneDNN-packed products where oneDNN is usable
+def test_switching_threads_mid_generation_changes_no_result(model, monkeypatch, two_threads, batch):
+    """Steps on both threads, and steps that drop to one thread halfway, give the one-thread result."""
+    ids = prompts(batch=batch, width=6, seed=3)
+    kwargs = dict(max_new_tokens=7, min_new_tokens=7, action_greedy=False, action_temperature=1.0,
+                  return_dict_in_generate=True)
+    pattern = [1]
+
+    class Scripted(generation._StepThreads):
+        def begin(self):
+            self.plan = pattern[self.step % len(pattern)]
+            self.count = self.live = 2 if self.plan == "overrun" else self.plan
+            self.elapsed, self.deadline, self.blocks = 0.0, None, 0
+
+        def check(self):  # "overrun": from the third block on, one thread
+            self.blocks += 1
+            if self.plan == "overrun" and self.blocks == 3:
+                self.deadline = -1.0
+            super().check()
+            assert torch.get_num_threads() == (1 if self.plan == "overrun" and self.blocks >= 3 else self.count)
+
+        def end(self):
+            self.step += 1
+
+    monkeypatch.setattr(generation, "_StepThreads", Scripted)
+    expected = model.generate(ids, generator=torch.Generator().manual_seed(4), **kwargs)
+    pattern[:] = [2, "overrun", 1]
+    out = model.generate(ids, generator=torch.Generator().manual_seed(4), **kwargs)
+    assert torch.equal(out.sequences, expected.sequences) and torch.equal(out.actions, expected.actions)
+    torch.testing.assert_close(out.action_logprobs, expected.action_logprobs, atol=1e-5, rtol=1e-5)
+    assert torch.get_num_threads() == 2
+
+
 def paired_and_unpaired(model, monkeypatch, *args, **kwargs):
     """generate(...) with the policy / world-model-lower-half pairs stacked (the CPU default) and without."""
     paired = model.generate(*args, return_dict_in_generate=True, **kwargs)

@@ -123,10 +123,12 @@ def test_language_model_view_and_action_info(tiny_model):
     tiny_model.reset_action_info()
     with torch.no_grad():
         out = tiny_model(ids)
-        inverse = tiny_model.forward_inverse(ids).action_index
         policy = tiny_model.forward_policy(ids).action_index
-    assert torch.equal(out.action_index[:, :-1], inverse[:, :-1])
-    assert torch.equal(out.action_index[:, -1], policy[:, -1])
+        under_policy = tiny_model.forward_under_policy(ids)
+    # The language-model view sums over the actions: it reports the policy's most likely ones and records none.
+    assert torch.equal(out.action_index, policy)
+    torch.testing.assert_close(out.logits.logsumexp(-1), torch.zeros(ids.shape), atol=1e-5, rtol=0)
+    assert torch.equal(under_policy.action_index, policy)
     info = tiny_model.get_action_info()["action_idx"]
     assert len(info) == 2 and all(t.shape == (2, 1) for t in info)
     tiny_model.reset_action_info()

@@ -293,3 +293,76 @@ def test_every_training_verb_has_help_with_examples(capsys):
         with pytest.raises(SystemExit):
             main([*verb, "--help"])
         assert "examples:" in capsys.readouterr().out
+
+
+# ----- training input ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1"])
+def test_grad_clip_must_be_a_finite_non_negative_number(corpus, tmp_path, capsys, value):
+    args = ["pretrain", "--data", str(corpus / "train.txt"), "--tokenizer", str(corpus / "tok"), "--out",
+            str(tmp_path / "run"), "--grad-clip", value]
+    try:
+        rc = main(args)
+    except SystemExit as err:  # refused by the parser
+        rc = err.code
+    assert rc == 2 and "grad" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="grad_clip must be"):
+        tiny(corpus, tmp_path / "run", grad_clip=float(value)).check()
+    assert not (tmp_path / "run").exists()
+    config = tmp_path / "s1.yaml"
+    config.write_text(f"grad_clip: {'.nan' if value == 'nan' else value.replace('inf', '.inf')}\n")
+    assert main([*args[:-2], "--config", str(config)]) == 2
+    assert "grad_clip must be" in capsys.readouterr().err
+
+
+def test_settings_of_the_wrong_type_are_named(corpus, tmp_path):
+    with pytest.raises(ValueError, match="lr must be float, got 'abc'"):
+        tiny(corpus, tmp_path, lr="abc").check()
+    with pytest.raises(ValueError, match="max_steps must be int, got 2.5"):
+        tiny(corpus, tmp_path, max_steps=2.5).check()
+
+
+def test_divergence_before_any_update_does_not_blame_the_learning_rate(corpus, tmp_path, monkeypatch):
+    real_forward = pretrain_module.WorldModelObjective.forward
+    monkeypatch.setattr(pretrain_module.WorldModelObjective, "forward",
+                        lambda self, ids, evaluation=False: {**real_forward(self, ids, evaluation),
+                                                             "loss": torch.tensor(float("nan"), requires_grad=True)})
+    with pytest.raises(TrainingDiverged, match="at step 1") as err:
+        train(PretrainStage(), tiny(corpus, tmp_path / "run"))
+    assert "learning rate is not the cause" in str(err.value) and "--lr" not in str(err.value)
+
+
+def test_progress_bar_shows_the_nll_and_a_readable_header(corpus, tmp_path, capsys):
+    train(PretrainStage(), tiny(corpus, tmp_path / "run", max_steps=2, progress=True))
+    out, err = capsys.readouterr()
+    assert "params; cpu, fp32" in out and "(no)" not in out
+    assert "nll=" in err and "loss=" not in err
+
+
+def test_bc_takes_the_block_size_from_the_stage1_model_and_checks_before_tokenising(corpus, stage1, tmp_path,
+                                                                                    capsys, monkeypatch):
+    common = ["bc", "--model", str(stage1), "--data", str(corpus / "train.txt"), "--batch-size", "2",
+              "--max-steps", "1", "--no-progress", "--no-eval-lm", "--cache-dir", str(corpus / "cache")]
+    assert main([*common, "--out", str(tmp_path / "bc")]) == 0  # stage 1 trained on 32-token blocks
+    assert json.loads((tmp_path / "bc" / "training.json").read_text())["block_size"] == 32
+    capsys.readouterr()
+    from bwarea.train import loop
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised before checking the inputs")
+    monkeypatch.setattr(loop, "pack", no_tokenising)
+    assert main([*common, "--out", str(tmp_path / "bc2"), "--hidden-size", "48"]) == 2
+    assert "hidden_size=48 but the model has 32" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "bc2"), "--block-size", "64"]) == 2
+    assert "exceeds the model's max_position_embeddings 32" in capsys.readouterr().err
+    assert not (tmp_path / "bc2").exists()
+
+
+def test_training_metrics_are_strict_json(tmp_path):
+    """A non-finite metric (say a validation loss over zero tokens) is written as null, never a bare NaN."""
+    from bwarea.train.loop import MetricsLog
+    log = MetricsLog(tmp_path, start_step=0, enabled=True)
+    log.write(1, "val", {"nll": float("nan"), "ppl": float("inf"), "tokens": 0, "acc": 0.5})
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+    record = json.loads(line, parse_constant=lambda name: pytest.fail(f"bare {name} in metrics.jsonl"))
+    assert record == {"step": 1, "split": "val", "nll": None, "ppl": None, "tokens": 0, "acc": 0.5}

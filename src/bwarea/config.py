@@ -7,10 +7,18 @@ translated, so one config class reads both formats.
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 # Released name -> bwarea name.
 RELEASED_FIELD_NAMES = {"num_code": "num_actions", "num_dim": "codebook_dim"}
+
+# Integer fields and their least value; float fields and whether 0 is allowed (all must be finite).
+INT_FIELDS = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
+              "num_attention_heads": 1, "num_key_value_heads": 1, "max_position_embeddings": 1, "num_actions": 1,
+              "codebook_dim": 1, "inverse_layers": 1, "policy_layers": 1, "action_layer": 0}
+FLOAT_FIELDS = {"rope_theta": False, "rms_norm_eps": False, "initializer_range": True}
 
 
 class BWAreaConfig(PretrainedConfig):
@@ -54,6 +62,17 @@ class BWAreaConfig(PretrainedConfig):
         rope_parameters = kwargs.pop("rope_parameters", None) or kwargs.pop("rope_scaling", None)
         if isinstance(rope_parameters, dict) and rope_parameters.get("rope_theta"):
             rope_theta = rope_parameters["rope_theta"]
+        # Types and ranges first, so a wrong value is named here rather than failing later in the model.
+        check_fields(dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+            rope_theta=rope_theta, rms_norm_eps=rms_norm_eps, num_actions=num_actions, codebook_dim=codebook_dim,
+            inverse_layers=inverse_layers, policy_layers=policy_layers, action_layer=action_layer,
+            initializer_range=initializer_range))
+        for key in ("dtype", "torch_dtype"):
+            if kwargs.get(key) is not None:
+                check_dtype(key, kwargs[key])
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -113,3 +132,32 @@ class BWAreaConfig(PretrainedConfig):
             )
         return cls(**{k: v for k, v in config_dict.items() if k not in ("transformers_version", "torch_dtype")},
                    dtype=config_dict.get("torch_dtype") or config_dict.get("dtype"))
+
+
+def check_fields(values: dict) -> None:
+    """Raise ValueError naming the first field of the wrong type or out of range (None: use the default)."""
+    for name, value in values.items():
+        if value is None and name in ("num_key_value_heads", "inverse_layers", "policy_layers", "action_layer"):
+            continue
+        if name in INT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"BWAreaConfig: {name} must be an integer, got {value!r} ({type(value).__name__})")
+            if value < INT_FIELDS[name]:
+                raise ValueError(f"BWAreaConfig: {name} must be >= {INT_FIELDS[name]}, got {value}")
+        elif name in FLOAT_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"BWAreaConfig: {name} must be a number, got {value!r} ({type(value).__name__})")
+            zero_ok = FLOAT_FIELDS[name]
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                raise ValueError(f"BWAreaConfig: {name} must be a finite number {'>=' if zero_ok else '>'} 0, "
+                                 f"got {value!r}")
+
+
+def check_dtype(name: str, value) -> None:
+    """A weight dtype: a floating torch.dtype or its name (float32, bfloat16, float16, float64)."""
+    import torch
+
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"BWAreaConfig: {name} {value!r} is not a floating-point torch dtype "
+                         "(float32, bfloat16, float16 or float64)")

@@ -6,6 +6,9 @@ For a BWArea model, over every position t whose next token x_{t+1} is in the blo
     bc_accuracy     how often argmax pi(. | x_<=t) equals the inverse-dynamics action a_t
     codes_used      distinct inverse-dynamics actions (of num_actions); code_perplexity exp(H(usage))
 A plain Llama (transformers) checkpoint gets lm_ppl only: its ordinary perplexity.
+
+``lm_eval_tasks`` runs lm-evaluation-harness tasks instead (``bwarea eval MODEL --lm-eval TASKS``); see
+docs/evaluating.md for which number each route gives.
 """
 
 from __future__ import annotations
@@ -110,6 +113,53 @@ def evaluate(model_path, data, tokenizer_path=None, block_size: int | None = Non
         raise ValueError("this bwarea install has no lm_log_likelihood (generation.py): lm_ppl cannot be computed")
     return {"model": str(model_path or _default_path()), "kind": kind, "block_size": block_size,
             **evaluate_blocks(model, kind, blocks, batch_size, progress)}
+
+
+def lm_eval_tasks(model_path, tasks, include_path=None, batch_size: int = 8, limit=None, device=None,
+                  tokenizer_path=None, block_size: int | None = None) -> dict:
+    """Run lm-evaluation-harness tasks on the model folder ``model_path`` (None: the shipped model).
+
+    The model is scored through lm-eval's Hugging Face backend (``HFLM``), as ``lm_eval --model hf`` would: its
+    loglikelihoods come from ``model(input_ids).logits``, for a BWArea model the exact mixture over actions
+    (the same numbers as ``model.lm_log_likelihood``). ``tasks``: names or a comma-separated string;
+    ``include_path``: a folder of task YAMLs (local tasks); ``limit``: documents per task; ``block_size``: the
+    longest window lm-eval scores at once (its ``max_length``; default: the block size the model was trained on,
+    as for ``evaluate``: positions beyond it were never trained).
+    -> {"model", "kind", "block_size", "lm_eval": {task: {metric: value}}}
+    """
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ModuleNotFoundError as err:
+        raise ValueError(f"--lm-eval needs lm-evaluation-harness ({err.name} is not installed): "
+                         "pip install 'lm-eval[api]'") from None
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise ValueError("--lm-eval needs at least one task name")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"--include-path {str(include_path)!r} is not a folder of task YAMLs")
+    manager = None
+    if include_path is not None:  # local tasks alone first: indexing lm-eval's ~15k built-in tasks takes ~20 s
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        manager = local if all(name in local.all_tasks for name in names) else None
+    if manager is None:
+        manager = TaskManager(include_path=None if include_path is None else str(include_path))
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"lm-eval knows no task {', '.join(map(repr, unknown))}"
+                         + ("" if include_path else " (local task YAMLs need --include-path DIR)"))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, kind = load_for_eval(model_path, device)
+    tokenizer = load_tokenizer(tokenizer_path or model_path or _default_path())
+    max_positions = model.config.max_position_embeddings
+    block_size = block_size or default_block_size(model_path or _default_path(), max_positions)
+    if block_size > max_positions:
+        raise ValueError(f"block size {block_size} exceeds the model's max_position_embeddings {max_positions}")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=block_size)
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit, log_samples=False)
+    results = {task: {k: v for k, v in metrics.items() if k != "alias"} for task, metrics in out["results"].items()}
+    return {"model": str(model_path or _default_path()), "kind": kind, "block_size": block_size, "lm_eval": results}
 
 
 def _default_path():

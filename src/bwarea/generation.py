@@ -11,13 +11,17 @@ per new token, one policy step and one world-model step over preallocated KV cac
 never runs while decoding. ``prompt_actions="policy"`` gives the released cached generate instead (policy
 actions at every prompt position).
 
-``fanout`` gives the next-token logits under every action; ``lm_log_likelihood`` the exact per-token
-log-likelihood of BWArea as a language model (a logsumexp over the actions). Both run the action-independent
-work once and the world model's upper half (from the action layer on) batched over the actions.
+``fanout`` gives the next-token logits under every action; ``lm_logprobs`` the exact next-token
+log-distribution of BWArea as a language model at every position (a logsumexp over the actions, what
+``model(input_ids)`` returns) and ``lm_log_likelihood`` the same at the next tokens; ``world_logits_per_position``
+the world model at every position under one given action there (the released ``model(input_ids)``). All run the
+action-independent work once and the world model's upper half (from the action layer on) per action.
 """
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +30,17 @@ from transformers.utils import ModelOutput
 
 from . import kernels
 
-# Keywords transformers' generate takes that mean nothing different here (always cached, no beams).
-_IGNORED_GENERATE_KWARGS = {"use_cache", "output_scores", "output_attentions", "output_hidden_states",
-                            "synced_gpus", "generation_config", "logits_processor", "stopping_criteria"}
+# transformers' generate keywords (and GenerationConfig fields) that are honoured at these values only: bwarea
+# always decodes with a KV cache (use_cache changes speed, never tokens), runs one beam, returns no scores,
+# attentions or hidden states and syncs no GPUs. Any other value, or any other keyword, is an error naming it.
+_NO_OP_GENERATE_VALUES = {"use_cache": (True, False), "num_beams": (1,), "output_scores": (False,),
+                          "output_logits": (False,), "output_attentions": (False,),
+                          "output_hidden_states": (False,), "synced_gpus": (False,)}
+# generate's own defaults, where neither a keyword nor generation_config sets a value.
+_GENERATE_DEFAULTS = {"max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
+                      "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": 1.0,
+                      "repetition_penalty": 1.0, "eos_token_id": None, "pad_token_id": None, "bos_token_id": None,
+                      "num_return_sequences": 1, "stop_strings": None, "return_dict_in_generate": False}
 
 
 @dataclass
@@ -202,6 +214,92 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+class _StepThreads:
+    """How many threads each decode step runs on: torch's thread count n, or one where that is faster now.
+
+    A step of a few rows is ~80 small ops, and on n threads each one is a fork-join of all n. With a core free
+    for every thread that runs the benchmark's step ~1.5x faster than one thread. When other work keeps the
+    cores busy (a second bwarea worker, a training job), a join waits for a descheduled thread, a scheduler slice
+    of milliseconds, while OpenMP's spin-waiting threads hold the cores the others need: a 2.4 ms step took up
+    to 700 ms. One thread never waits on another; it slows only by its share of a core.
+
+    So steps are timed and run on whichever count was clearly faster when last timed: the first step on one thread,
+    the next on n, then the other count again after 8, 16, ... up to ``RETRY_MAX`` steps (8 again after a
+    change). A step on n threads that runs past ``OVERRUN`` times the last one-thread step finishes on one
+    thread (``check``, between the parts of each block), so timing n under load costs about one step. Outside
+    ``run`` torch's setting is back in place. Results do not depend on the count: the column blocks
+    (``_Decoder._split``) stay those of n threads, and each block's product is the same on any thread."""
+
+    RETRY_FIRST, RETRY_MAX = 8, 256
+    OVERRUN = 2.0  # under real contention a step on n threads takes many times longer: noise does not
+    SWITCH = 0.9  # the other count must take under this fraction of the current one's time
+
+    def __init__(self, threads: int, clock=time.perf_counter):
+        self.threads, self.clock = threads, clock  # torch's setting when decoding started
+        self.current = threads  # the count steps run on between re-timings
+        self.seconds = {}  # count -> its last timed step
+        self.step, self.retry_at, self.interval = 0, 0, self.RETRY_FIRST
+        self.count = self.live = threads  # this step's count, and the threads it runs on now
+        self.elapsed, self.deadline, self.started = 0.0, None, 0.0
+        self.best = float("inf")  # the fastest step on the current count since the last decision
+
+    def begin(self):
+        """Start a step: its count (the other one at a re-timing), and when to give up on n threads."""
+        if self.threads == 1:
+            return
+        if self.step == self.retry_at:
+            self.count = 1 if self.current != 1 else self.threads
+        else:
+            self.count = self.current
+        self.live, self.elapsed = self.count, 0.0
+        self.deadline = self.OVERRUN * self.seconds[1] if self.count != 1 and 1 in self.seconds else None
+
+    @contextmanager
+    def run(self):
+        """One part of the step (``lower_step``, ``upper_step``) on the step's threads; torch's setting after."""
+        if self.threads == 1:
+            yield
+            return
+        setting = torch.get_num_threads()
+        torch.set_num_threads(self.live)
+        self.started = self.clock()
+        try:
+            yield
+        finally:
+            self.elapsed += self.clock() - self.started
+            torch.set_num_threads(setting)
+
+    def check(self):
+        """Between blocks: a step on n threads past its deadline goes on with one."""
+        if self.deadline is not None and self.elapsed + self.clock() - self.started > self.deadline:
+            self.deadline, self.live = None, 1
+            torch.set_num_threads(1)
+
+    def end(self):
+        """End a step: keep its time; at a re-timing, or when n threads overran, run on the faster count."""
+        if self.threads == 1:
+            return
+        self.seconds[self.count] = self.elapsed
+        overran = self.live != self.count
+        if self.count == self.current and not overran:
+            self.best = min(self.best, self.elapsed)
+        if self.step == self.retry_at or overran:
+            other = 1 if self.current != 1 else self.threads
+            if self.threads not in self.seconds:
+                faster = 1  # only one thread timed yet: time n next
+            else:
+                # A change needs a clear win over the current count at its best since the last decision: on a
+                # quiet machine one slow step is noise. A step of the current count that overran is load now.
+                mine = self.elapsed if overran and self.count == self.current else \
+                    min(self.best, self.seconds[self.current])
+                faster = other if self.seconds[other] < self.SWITCH * mine else self.current
+            self.best = float("inf")
+            self.interval = self.RETRY_FIRST if faster != self.current else min(2 * self.interval, self.RETRY_MAX)
+            self.current = faster
+            self.retry_at = self.step + (self.interval if self.threads in self.seconds else 1)
+        self.step += 1
+
+
 class _Decoder:
     """One position through the policy and the world model, over their StaticKVCaches.
 
@@ -213,7 +311,8 @@ class _Decoder:
 
     On CPU every product of the few rows with a weight runs as a bmm over ``torch.get_num_threads()`` column
     blocks of that weight (views, no copies): torch runs a skinny mm on one core, and a bmm over blocks on all
-    of them, which is ~1.7x faster here since decoding is bound by reading the weights. Column-major weights
+    of them, which is ~1.7x faster here since decoding is bound by reading the weights, while the cores are free
+    (``_StepThreads`` runs steps on one thread while other work holds them). Column-major weights
     (``optimize_for_cpu_decoding``) read faster still. The policy's and the world model's blocks below the action
     read only the token, so on CPU they run in pairs (``_decode_pairs``, ``_pair_block``): half the ops for those
     layers, which took 6% off the benchmark's batch-8 generate and 16% off batch 1 (the copy costs 23 MB there).
@@ -236,6 +335,7 @@ class _Decoder:
                                                              c.head_dim, c.rms_norm_eps)
         on_cpu = cos.device.type == "cpu"
         self.blocks = torch.get_num_threads() if on_cpu else 1
+        self.threads = _StepThreads(self.blocks)  # one thread per step where that is faster now
         world, policy = model.world_model, model.policy
         # oneDNN-packed weights (looked up by parameter) and their product, or column-block views and the bmm.
         self.packed = _packed_weights(model, cos.device, cos.shape[0])
@@ -313,6 +413,7 @@ class _Decoder:
 
     def _block(self, x, layer, step, col):
         ln1, w_qkv, w_o, ln2, w_gate_up, w_down, keys, values, keys_3d, values_3d = layer
+        self.threads.check()  # here and between the block's parts: has a step on n threads run too long?
         b, nh, nkv = x.shape[0], self.n_heads, self.n_kv
         qkv = self.linear(_rms(x, ln1, self.eps), w_qkv).view(b, nh + 2 * nkv, self.head_dim)
         qk = qkv[:, :nh + nkv]
@@ -332,7 +433,9 @@ class _Decoder:
             y = F.scaled_dot_product_attention(
                 qk[:, :nh].view(b, nkv, nh // nkv, self.head_dim), keys[:, :, :col + 1], values[:, :, :col + 1],
                 attn_mask=None if self.key_bias is None else self.key_bias[..., :col + 1])
+        self.threads.check()
         x = self.linear(y.view(b, -1), w_o, x)
+        self.threads.check()
         h = _rms(x, ln2, self.eps)
         if self.packed is None and w_gate_up.dim() == 3 and w_gate_up.shape[0] == 2:
             # two column blocks are exactly [gate; up]: read them from the bmm's output, no transpose copy
@@ -345,6 +448,7 @@ class _Decoder:
         """``_block`` for a policy block and a world-model block at once: x (2, batch, hidden), policy first.
         Each product is one ``pair_linear`` of the two weights, each other op runs once for both."""
         ln1, w_qkv, w_o, ln2, w_gate_up, w_down, keys, values, keys_3d, values_3d = layer
+        self.threads.check()
         m, b, hidden = x.shape
         nh, nkv, d = self.n_heads, self.n_kv, self.head_dim
         linear = self.pair_linear
@@ -357,7 +461,9 @@ class _Decoder:
         if self.pair_key_bias is not None:
             scores += self.pair_key_bias[..., :col + 1]
         y = torch.bmm(scores.softmax(-1), values_3d[:, :col + 1])
+        self.threads.check()
         x = linear(y.view(m, b, nh * d), w_o, x)
+        self.threads.check()
         gate, up = linear(F.rms_norm(x, (hidden,), eps=self.eps) * ln2, w_gate_up).chunk(2, dim=-1)
         return linear(F.silu(gate) * up, w_down, x)
 
@@ -377,30 +483,36 @@ class _Decoder:
 
     def lower_step(self, tokens, step, col, policy=True):
         """tokens (batch,) at cache column ``col`` -> (action logits (batch, num_actions) float32 or None
-        without ``policy``, the world model's hidden state before the action enters)."""
-        xw = F.embedding(tokens, self.world_embed)
-        if not policy:
-            for layer in self.world_layers[:self.action_layer]:
+        without ``policy``, the world model's hidden state before the action enters). Starts a step; ``upper_step``
+        ends it."""
+        self.threads.begin()
+        with self.threads.run():
+            xw = F.embedding(tokens, self.world_embed)
+            if not policy:
+                for layer in self.world_layers[:self.action_layer]:
+                    xw = self._block(xw, layer, step, col)
+                return None, xw
+            xp = F.embedding(tokens, self.policy_embed)
+            if self.pairs:
+                x = torch.stack([xp, xw])
+                for layer in self.paired_layers:
+                    x = self._pair_block(x, layer, step, col)
+                xp, xw = x.unbind(0)
+            for layer in self.policy_layers[self.pairs:]:
+                xp = self._block(xp, layer, step, col)
+            for layer in self.world_layers[self.pairs:self.action_layer]:
                 xw = self._block(xw, layer, step, col)
-            return None, xw
-        xp = F.embedding(tokens, self.policy_embed)
-        if self.pairs:
-            x = torch.stack([xp, xw])
-            for layer in self.paired_layers:
-                x = self._pair_block(x, layer, step, col)
-            xp, xw = x.unbind(0)
-        for layer in self.policy_layers[self.pairs:]:
-            xp = self._block(xp, layer, step, col)
-        for layer in self.world_layers[self.pairs:self.action_layer]:
-            xw = self._block(xw, layer, step, col)
-        return self.linear(_rms(xp, self.policy_norm, self.eps), self.policy_head).float(), xw
+            return self.linear(_rms(xp, self.policy_norm, self.eps), self.policy_head).float(), xw
 
     def upper_step(self, x, actions, step, col):
         """``lower_step``'s world hidden state, actions (batch,) -> next-token logits (batch, vocab) float32."""
-        x = self._inject(x, actions)
-        for layer in self.world_layers[self.action_layer:]:
-            x = self._block(x, layer, step, col)
-        return self.linear(_rms(x, self.world_norm, self.eps), self.lm_head).float()
+        with self.threads.run():
+            x = self._inject(x, actions)
+            for layer in self.world_layers[self.action_layer:]:
+                x = self._block(x, layer, step, col)
+            logits = self.linear(_rms(x, self.world_norm, self.eps), self.lm_head).float()
+        self.threads.end()
+        return logits
 
     def _inject(self, x, actions):
         mixed = self.linear(x, self.dyn_h, F.embedding(actions, self.action_table))
@@ -408,6 +520,13 @@ class _Decoder:
 
 
 # ----- choosing actions and tokens -----------------------------------------------------------------------------
+# Below this temperature a sample is the argmax up to float rounding, and logits / temperature can overflow
+# float32: tokens and actions are chosen greedily (the limit). Beyond PENALTY_RANGE a repetition penalty over- or
+# underflows float32 logits, and its effect is already total: it acts as the nearer bound.
+GREEDY_BELOW = 1e-5
+PENALTY_RANGE = (1e-30, 1e30)
+
+
 class _ActionChooser:
     """The action at each new position: the schedule where it fixes one, else the policy (masked, greedy or
     sampled at a temperature)."""
@@ -419,6 +538,7 @@ class _ActionChooser:
         self.temperature = model.action_temperature if temperature is None else float(temperature)
         if not self.greedy and self.temperature <= 0:
             raise ValueError(f"action_temperature must be > 0 when sampling actions, got {self.temperature}")
+        self.greedy = self.greedy or self.temperature < GREEDY_BELOW
         self.generator = generator
         self.schedule = _action_schedule(actions, n, steps, batch, copies, device)
         self.allowed = _allowed_mask(allowed_actions, n, batch, copies, device)
@@ -509,7 +629,8 @@ class _TokenChooser:
     """transformers' order: min_new_tokens (EOS barred), repetition penalty, then greedy or temperature,
     top-k, top-p and a sample."""
 
-    def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, eos, generator):
+    def __init__(self, do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens, eos, generator,
+                 processors=None):
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
@@ -518,17 +639,24 @@ class _TokenChooser:
             raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
         if not repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, float(temperature), top_k or None, top_p
+        self.do_sample = do_sample and temperature >= GREEDY_BELOW
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k or None, top_p
         self.penalty, self.min_new_tokens, self.eos, self.generator = (
-            float(repetition_penalty), min_new_tokens, eos, generator)
+            min(max(float(repetition_penalty), PENALTY_RANGE[0]), PENALTY_RANGE[1]), min_new_tokens, eos, generator)
+        self.processors = processors
+        self.scores = None  # the last step's scores after the processors (what stopping criteria see)
 
-    def __call__(self, logits, step, seen):
-        """logits (rows, vocab) float32 (changed in place), seen (rows, vocab) bool or None -> tokens (rows,)."""
+    def __call__(self, logits, step, seen, input_ids=None):
+        """logits (rows, vocab) float32 (changed in place), seen (rows, vocab) bool or None, input_ids (rows,
+        cur_len) the sequences so far (for ``processors``) -> tokens (rows,)."""
         if step < self.min_new_tokens and self.eos is not None:
             logits[:, self.eos] = float("-inf")
         if self.penalty != 1.0:
             penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             logits = torch.where(seen, penalised, logits)
+        if self.processors is not None:
+            logits = self.processors(input_ids, logits)
+        self.scores = logits
         if not self.do_sample:
             return logits.argmax(-1)
         logits = logits / self.temperature
@@ -570,52 +698,164 @@ class _StopStrings:
         return rows
 
 
+# ----- transformers' generate conventions ----------------------------------------------------------------------
+def _generate_settings(given: dict, generation_config, kwargs: dict) -> dict:
+    """generate's settings: ``given`` keywords (None = not given) over ``kwargs`` (other transformers keywords)
+    over ``generation_config``'s set fields over ``_GENERATE_DEFAULTS``.
+
+    Raises TypeError naming every keyword or set field that generate cannot honour."""
+    fields = {}
+    if generation_config is not None:
+        from transformers import GenerationConfig
+        if not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig, got "
+                            f"{type(generation_config).__name__}")
+        fields = {k: v for k, v in generation_config.to_dict().items()
+                  if v is not None and not k.startswith("_") and k != "transformers_version"}
+    settings = dict(_GENERATE_DEFAULTS)
+    cannot = []
+    for source, values in (("generation_config.", fields), ("", kwargs)):
+        for name, value in values.items():
+            if value is None:  # not given
+                continue
+            if name in _GENERATE_DEFAULTS:
+                settings[name] = value
+            elif name not in _NO_OP_GENERATE_VALUES:
+                cannot.append(f"{source}{name}")
+            elif not any(value is ok or (type(value) is type(ok) and value == ok)
+                         for ok in _NO_OP_GENERATE_VALUES[name]):
+                cannot.append(f"{source}{name}={value!r}")
+    if cannot:
+        raise TypeError(f"generate cannot honour {', '.join(cannot)} (bwarea runs one sampled or greedy beam "
+                        "and returns sequences, or with return_dict_in_generate also actions)")
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
+
+
+def _new_token_counts(settings: dict, width: int) -> tuple[int, int]:
+    """-> (max_new_tokens, min_new_tokens) for a prompt of ``width`` columns, from the length settings
+    (max_length and min_length count the prompt, as in transformers)."""
+    for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+        value = settings[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    max_new, max_length = settings["max_new_tokens"], settings["max_length"]
+    if max_length is not None:
+        if max_length < width:
+            raise ValueError(f"max_length={max_length} counts the prompt, which already has {width} tokens: "
+                             "give a larger max_length, or max_new_tokens")
+        if max_new is not None and max_new != max_length - width:
+            raise ValueError(f"max_new_tokens={max_new} and max_length={max_length} disagree for a prompt of "
+                             f"{width} tokens (max_length counts the prompt): give one of them")
+        max_new = max_length - width
+    max_new = 20 if max_new is None else max_new
+    min_new = settings["min_new_tokens"] or 0
+    if settings["min_length"] is not None:
+        min_new = max(min_new, settings["min_length"] - width)
+    if min_new > max_new:
+        name = "min_new_tokens" if settings["min_length"] is None else "min_new_tokens / min_length"
+        raise ValueError(f"{name} asks for {min_new} new tokens, more than max_new_tokens={max_new}")
+    return max_new, min_new
+
+
+def _callable_list(value, name: str, kind: str):
+    """A ``LogitsProcessorList`` / ``StoppingCriteriaList`` (or a plain list of callables, or one callable)
+    -> a callable over the whole list, or None when empty."""
+    if value is None:
+        return None
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+    cls = LogitsProcessorList if kind == "LogitsProcessorList" else StoppingCriteriaList
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    bad = [type(item).__name__ for item in items if not callable(item)]
+    if bad:
+        raise TypeError(f"{name} must be a {kind} of callables, got {type(value).__name__} holding {bad}")
+    return cls(items) if items else None
+
+
+def _criteria_say_done(criteria, sequences, scores) -> torch.Tensor:
+    """Each stopping criterion over sequences (rows, cur_len) -> bool (rows,), True where any says done; a
+    criterion that returns a plain bool answers for every row."""
+    rows = sequences.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool, device=sequences.device)
+    for criterion in criteria:
+        said = torch.as_tensor(criterion(sequences, scores), device=sequences.device).bool()
+        if said.dim() != 0 and tuple(said.shape) != (rows,):
+            raise ValueError(f"stopping_criteria returned shape {tuple(said.shape)}; expected a bool or ({rows},), "
+                             "one per row")
+        done |= said
+    return done
+
+
 # ----- the mixin --------------------------------------------------------------------------------------------
 class BWAreaGenerationMixin:
     """``generate``, ``fanout`` and ``lm_log_likelihood`` for ``BWAreaForCausalLM``."""
 
-    def generate(self, input_ids=None, attention_mask=None, *, max_new_tokens=20, min_new_tokens=0,
-                 do_sample=False, temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0,
-                 eos_token_id=None, pad_token_id=None, num_return_sequences=1, streamer=None, stop_strings=None,
-                 tokenizer=None, return_dict_in_generate=False, prompt_actions="inverse", actions=None,
-                 allowed_actions=None, action_greedy=None, action_temperature=None, step_callback=None,
-                 generator=None, **kwargs):
-        """Generate ``max_new_tokens`` tokens after a LEFT-padded batch of prompts.
+    def generate(self, input_ids=None, attention_mask=None, *, max_new_tokens=None, max_length=None,
+                 min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
+                 repetition_penalty=None, eos_token_id=None, pad_token_id=None, num_return_sequences=None,
+                 streamer=None, stop_strings=None, tokenizer=None, return_dict_in_generate=None,
+                 generation_config=None, logits_processor=None, stopping_criteria=None, prompt_actions="inverse",
+                 actions=None, allowed_actions=None, action_greedy=None, action_temperature=None,
+                 step_callback=None, generator=None, **kwargs):
+        """Generate new tokens after a LEFT-padded batch of prompts.
 
         input_ids (batch, T), attention_mask (batch, T) or None -> LongTensor (batch * num_return_sequences,
-        T + max_new_tokens), or a ``BWAreaGenerateOutput`` with ``return_dict_in_generate=True``.
+        T + N), or a ``BWAreaGenerateOutput`` with ``return_dict_in_generate=True``.
+
+        Length, as in transformers: N = ``max_new_tokens`` (default 20), or ``max_length`` - T where
+        ``max_length`` counts the (padded) prompt too; giving both is an error unless they agree.
+        ``min_new_tokens`` (or ``min_length`` - T) bars EOS until that many tokens exist.
 
         Prompt actions: ``"inverse"`` (default) labels positions 0..T-2 with the inverse dynamics model;
         ``"policy"`` uses the policy there too (the released cached generate). The policy chooses the action at
         T-1 and at every new position; ``actions`` overrides it (an int for every new position, or a schedule
         (N,) / (batch, N) where -1 lets the policy choose), ``allowed_actions`` masks it (action ids, or a bool
         mask (num_actions,) / (batch, num_actions)), ``action_greedy`` / ``action_temperature`` override
-        ``set_action_sampling``. Tokens: greedy, or with ``do_sample`` a sample after ``temperature``,
-        ``top_k``, ``top_p``; ``repetition_penalty`` and ``min_new_tokens`` as in transformers. A row stops at
-        ``eos_token_id`` (config's by default) or when its new text contains one of ``stop_strings`` (needs
-        ``tokenizer``); its later tokens are ``pad_token_id``. ``streamer.put`` gets the prompt, then each
-        step's tokens (rows,); ``step_callback(step, tokens, actions)`` runs after every step and stops
-        generation by returning True. Each step appends its (rows, 1) actions to ``get_action_info()``.
+        ``set_action_sampling``.
+
+        Tokens, in transformers' order: ``min_new_tokens``, ``repetition_penalty``, then ``logits_processor``
+        (a ``LogitsProcessorList``, called as ``(input_ids (rows, T + step), scores (rows, vocab)) -> scores``),
+        then greedy, or with ``do_sample`` a sample after ``temperature``, ``top_k``, ``top_p``. A row stops at
+        ``eos_token_id`` (config's by default), when its new text contains one of ``stop_strings`` (needs
+        ``tokenizer``), or when ``stopping_criteria`` (a ``StoppingCriteriaList``, called after each step with
+        the sequences so far (rows, T + step + 1) and that step's scores) says True for it (a single bool
+        means every row); its later tokens are ``pad_token_id``.
+
+        ``generation_config`` (a transformers ``GenerationConfig``) supplies any of these settings that no
+        keyword gives; a field it sets that bwarea cannot honour (beams, ``no_repeat_ngram_size``, ...) is an
+        error naming it, as is any other keyword. ``use_cache``, ``num_beams=1`` and ``output_*=False`` are
+        accepted: they do not change what is generated here.
+
+        ``streamer.put`` gets the prompt, then each step's tokens (rows,); ``step_callback(step, tokens,
+        actions)`` runs after every step and stops generation by returning True. Each step appends its
+        (rows, 1) actions to ``get_action_info()``.
         """
-        ignored = {k for k, v in kwargs.items() if k in _IGNORED_GENERATE_KWARGS or (k == "num_beams" and v == 1)}
-        unknown = sorted(set(kwargs) - ignored)
-        if unknown:
-            raise TypeError(f"generate got unexpected arguments {unknown}")
         if input_ids is None:
             raise ValueError("generate needs input_ids (batch, seq)")
-        input_ids, attention_mask = self._prompt(input_ids, attention_mask)
-        for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens),
-                            ("num_return_sequences", num_return_sequences)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name[0] == "n" else 0):
-                raise ValueError(f"{name} must be an int >= {1 if name[0] == 'n' else 0}, got {value!r}")
-        if min_new_tokens > max_new_tokens:
-            raise ValueError(f"min_new_tokens={min_new_tokens} exceeds max_new_tokens={max_new_tokens}")
+        settings = _generate_settings(
+            dict(max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
+                 do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                 num_return_sequences=num_return_sequences, stop_strings=stop_strings,
+                 return_dict_in_generate=return_dict_in_generate), generation_config, kwargs)
+        processors = _callable_list(logits_processor, "logits_processor", "LogitsProcessorList")
+        criteria = _callable_list(stopping_criteria, "stopping_criteria", "StoppingCriteriaList")
+        input_ids, attention_mask = self._prompt(input_ids, attention_mask, settings["bos_token_id"])
+        batch, width = input_ids.shape
+        max_new_tokens, min_new_tokens = _new_token_counts(settings, width)
+        num_return_sequences = settings["num_return_sequences"]
+        if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
+                or num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an int >= 1, got {num_return_sequences!r}")
         if prompt_actions not in ("inverse", "policy"):
             raise ValueError(f"prompt_actions must be 'inverse' or 'policy', got {prompt_actions!r}")
-        batch, width = input_ids.shape
         if width + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt length {width} + max_new_tokens {max_new_tokens} exceeds "
                              f"max_position_embeddings {self.config.max_position_embeddings}")
+        do_sample, temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id, stop_strings, \
+            return_dict_in_generate = (settings[k] for k in (
+                "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
+                "pad_token_id", "stop_strings", "return_dict_in_generate"))
         eos = _token_list(getattr(self.config, "eos_token_id", None) if eos_token_id is None else eos_token_id,
                           "eos_token_id")
         if pad_token_id is None:
@@ -626,7 +866,7 @@ class BWAreaGenerationMixin:
         chooser = _ActionChooser(self, rows, steps, actions, allowed_actions, action_greedy, action_temperature,
                                  generator, batch, copies, device)
         sampler = _TokenChooser(do_sample, temperature, top_k, top_p, repetition_penalty, min_new_tokens,
-                                eos or None, generator)
+                                eos or None, generator, processors)
         stops = None if stop_strings is None else _StopStrings(stop_strings, tokenizer)
         if copies > 1:
             input_ids = input_ids.repeat_interleave(copies, dim=0)
@@ -634,12 +874,12 @@ class BWAreaGenerationMixin:
 
         with torch.no_grad():
             return self._generate(input_ids, attention_mask, steps, chooser, sampler, stops, eos, pad_token_id,
-                                  streamer, step_callback, prompt_actions, return_dict_in_generate)
+                                  streamer, step_callback, prompt_actions, return_dict_in_generate, criteria)
 
-    def _prompt(self, input_ids, attention_mask):
+    def _prompt(self, input_ids, attention_mask, bos_token_id=None):
         """Validate a prompt batch; an empty prompt starts from BOS; an all-ones mask becomes None."""
         if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
-            bos = getattr(self.config, "bos_token_id", None)
+            bos = getattr(self.config, "bos_token_id", None) if bos_token_id is None else bos_token_id
             if bos is None:
                 raise ValueError("input_ids is empty and the config has no bos_token_id to start from")
             input_ids = torch.full((input_ids.shape[0], 1), bos, dtype=torch.long,
@@ -659,7 +899,7 @@ class BWAreaGenerationMixin:
         return input_ids.long(), None if bool(valid.all()) else valid.long()
 
     def _generate(self, input_ids, attention_mask, steps, chooser, sampler, stops, eos, pad,
-                  streamer, step_callback, prompt_actions, return_dict):
+                  streamer, step_callback, prompt_actions, return_dict, criteria=None):
         rows, width = input_ids.shape
         device = input_ids.device
         sequences = torch.full((rows, width + steps), pad, dtype=torch.long, device=device)
@@ -714,10 +954,10 @@ class BWAreaGenerationMixin:
             seen = counts > 0
         finished = torch.zeros(rows, dtype=torch.bool, device=device)
         eos_ids = torch.tensor(eos, device=device) if eos else None
-        stoppable = eos_ids is not None or stops is not None
-        # The sampler bars EOS before min_new_tokens: without stop strings no row can finish there, so those steps
-        # skip the per-step checks (a few ops and a device sync each).
-        checks_from = 0 if stops is not None else sampler.min_new_tokens
+        stoppable = eos_ids is not None or stops is not None or criteria is not None
+        # The sampler bars EOS before min_new_tokens: without stop strings or stopping criteria no row can finish
+        # there, so those steps skip the per-step checks (a few ops and a device sync each).
+        checks_from = 0 if stops is not None or criteria is not None else sampler.min_new_tokens
         info = self.action_info["action_idx"]
         done_steps = steps
         for step in range(steps):
@@ -729,7 +969,7 @@ class BWAreaGenerationMixin:
                 logits = decoder.upper_step(hidden, action, step - 1, col)
             else:
                 policy_logits = last
-            token = sampler(logits, step, seen)
+            token = sampler(logits, step, seen, sequences[:, :width + step])
             check = stoppable and step >= checks_from
             if check:
                 token = token.masked_fill(finished, pad)
@@ -754,6 +994,8 @@ class BWAreaGenerationMixin:
                 if stops is not None:
                     hit = stops.hits(sequences[:, width:width + step + 1].cpu(), (~finished).tolist())
                     finished[hit] = True
+                if criteria is not None:
+                    finished |= _criteria_say_done(criteria, sequences[:, :width + step + 1], sampler.scores)
                 stop = stop or bool(finished.all())
             if stop:
                 done_steps = step + 1
@@ -819,13 +1061,11 @@ class BWAreaGenerationMixin:
             else attention_mask.bool()
         return lower, caches, cos, sin, valid
 
-    def _upper_half_over_actions(self, x, caches, prefix, copies, cos, sin, mask):
+    def _upper_half_over_actions(self, x, kv, cos, sin, mask):
         """Queries x (rows, q, hidden), already carrying their actions, through the upper blocks; each attends to
-        the first ``prefix`` cached context positions (shared, ``copies`` query rows per batch row) and to
-        itself as ``mask`` (rows, 1, q, prefix + q) says. -> logits (rows, q, vocab) float32."""
+        the shared context in ``kv`` (``_shared_context``) and to itself as ``mask`` (rows|1, 1, q, prefix + q)
+        says. -> logits (rows, q, vocab) float32."""
         w = self.world_model
-        kv = [None if c is None else PrefixKVCache(c.keys[:, :, :prefix], c.values[:, :, :prefix], copies)
-              for c in caches]
         h = w.norm(w.run(x, cos, sin, mask, kv, w.action_layer))
         return w.lm_head(h).float()
 
@@ -847,43 +1087,131 @@ class BWAreaGenerationMixin:
         eye = torch.eye(n, dtype=torch.bool, device=input_ids.device).expand(batch, n, n)
         mask = torch.cat([valid[:, None, :width - 1].expand(batch, n, width - 1), eye], dim=2)[:, None]
         last_cos, last_sin = (t[:, :, -1:].expand(batch, 1, n, t.shape[-1]) for t in (cos, sin))
-        return self._upper_half_over_actions(x, caches, width - 1, 1, last_cos, last_sin, mask)
+        return self._upper_half_over_actions(x, _shared_context(caches, width - 1, 1), last_cos, last_sin, mask)
 
-    def lm_log_likelihood(self, input_ids, attention_mask=None, actions_per_chunk=None):
-        """Exact log p(x_{t+1} | x_<=t) of BWArea as a language model.
+    def _world_at_each_position(self, lower, caches, cos, sin, valid, vectors, copies, memo=None):
+        """The world model at every position t under its own action, with the context before t understood.
 
-        input_ids, attention_mask (batch, T), left-padded -> (batch, T-1) float32, entry t =
-        logsumexp_a [log pi(a | x_<=t) + log p_world(x_{t+1} | x_<=t, inverse-dynamics actions before t, a)].
-        Entries whose target or context token is padding are 0. The upper half runs for every (position,
-        action) pair, ``actions_per_chunk`` actions at a time (default: about 64M logits per chunk).
-        Wrap in ``torch.no_grad()`` for evaluation.
+        lower, caches, cos, sin, valid: ``_understood``'s; vectors (batch * copies, T or 1, codebook_dim): the
+        action vector of each query, ``copies`` query rows per batch row (batch-major). -> logits
+        (batch * copies, T, vocab) float32: row r at t is the world model's next-token logits after x_<=t, with
+        the inverse-dynamics actions at s < t (the cached context) and vectors[r, t] at t. Nothing at t reads a
+        token after t: the inverse-dynamics action at s explains token s+1 <= t. ``memo`` (a dict) keeps what
+        calls with the same ``copies`` share (masks, rotary, the context's keys/values per query row).
         """
+        shared = None if memo is None else memo.get(copies)
+        if shared is None:
+            batch, width = valid.shape
+            device = valid.device
+            # Position t's query sees the valid context strictly before t, and its own key (its action at t).
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril(-1)
+            eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
+            mask = torch.cat([causal & valid[:, None, :], eye], dim=2)[:, None]
+            # Unpadded rows share one mask; SDPA broadcasts it over the query rows.
+            mask = mask[:1] if bool(valid.all()) else mask.repeat_interleave(copies, dim=0)
+            shared = (_shared_context(caches, width, copies), cos.repeat_interleave(copies, dim=0),
+                      sin.repeat_interleave(copies, dim=0), mask)
+            if memo is not None:
+                memo[copies] = shared
+        x = self.world_model.inject(lower.repeat_interleave(copies, dim=0), vectors)
+        return self._upper_half_over_actions(x, *shared)
+
+    def world_logits_per_position(self, input_ids, attention_mask=None, action_idx=None):
+        """The world model at every position t under action_idx[:, t], the context before t understood.
+
+        input_ids, attention_mask (batch, T), padded on either side; action_idx (batch, T) or an int -> logits
+        (batch, T, vocab) float32, entry t = ``model(input_ids[:, :t+1], action_idx=[inverse-dynamics actions
+        0..t-1, action_idx[:, t]]).logits[:, -1]``: leak-free at every position, in one pass. This is the
+        seed-compatible view's machinery (``forward_under_policy``), and one term of ``lm_logprobs``' mixture.
+        """
+        if action_idx is None:
+            raise ValueError("world_logits_per_position needs action_idx: an int or one action per position")
+        understood = self._understood(input_ids, attention_mask)
+        vectors = self.action_codebook(self._check_actions(action_idx, input_ids))
+        return self._world_at_each_position(*understood, vectors, 1)
+
+    def _mixture(self, input_ids, attention_mask, actions_per_chunk, targets=None):
+        """The one implementation of BWArea's next-token mixture (``lm_logprobs``, ``lm_log_likelihood``, and
+        ``forward`` without actions).
+
+        -> (log p (batch, T, vocab) or, with ``targets`` (batch, T), log p at the targets (batch, T); the
+        policy's log pi (batch, T, num_actions)). The actions stream through in chunks under a running
+        logsumexp, so besides the result only one chunk's (batch, chunk, T, vocab) logits are alive. Gathering
+        the targets before the sum over actions gives the same numbers and keeps the autograd graph small
+        (behaviour cloning back-propagates into log pi through it).
+        """
+        if actions_per_chunk is not None and (isinstance(actions_per_chunk, bool) or not isinstance(
+                actions_per_chunk, int) or actions_per_chunk < 1):
+            raise ValueError(f"actions_per_chunk must be a positive int or None, got {actions_per_chunk!r}")
         lower, caches, cos, sin, valid = self._understood(input_ids, attention_mask)
         batch, width = input_ids.shape
         n, vocab = self.config.num_actions, self.config.vocab_size
-        device = input_ids.device
         log_pi = torch.log_softmax(self.policy_logits(input_ids, attention_mask), dim=-1)  # (batch, T, n)
-        targets = input_ids[:, 1:]
-        chunk = actions_per_chunk or max(1, min(n, (64 << 20) // max(1, batch * width * vocab)))
-        # Position t's query sees the context strictly before t, and its own key (action a at t).
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril(-1)
-        eye = torch.eye(width, dtype=torch.bool, device=device)
-        world_lp = []
+        # Default: a chunk's logits hold about 4M floats (16 MB), or one action when the input alone is larger.
+        # Bigger chunks are no faster on CPU (measured, benchmarks/bench_lm_view.py): they fall out of cache.
+        chunk = actions_per_chunk or max(1, min(n, (4 << 20) // max(1, batch * width * vocab)))
+        total, memo = None, {}
         for start in range(0, n, chunk):
-            acts = torch.arange(start, min(n, start + chunk), device=device)
+            acts = torch.arange(start, min(n, start + chunk), device=input_ids.device)
             c = len(acts)
-            mask = torch.cat([causal & valid[:, None, :], eye.expand(batch, width, width)], dim=2)
-            mask = mask.repeat_interleave(c, dim=0)[:, None]
-            # (batch * c, 1, dim), batch-major with the actions inner, as the repeat_interleaved rows are.
+            # (batch * c, 1, dim), batch-major with the actions inner, as _world_at_each_position's rows are.
             vectors = self.action_codebook(acts).repeat(batch, 1)[:, None]
-            x = self.world_model.inject(lower.repeat_interleave(c, dim=0), vectors)
-            rep = (cos.repeat_interleave(c, dim=0), sin.repeat_interleave(c, dim=0))
-            logits = self._upper_half_over_actions(x, caches, width, c, *rep, mask)[:, :-1]
-            target_logit = logits.gather(-1, targets.repeat_interleave(c, dim=0)[..., None]).squeeze(-1)
-            world_lp.append((target_logit - logits.logsumexp(-1)).view(batch, c, width - 1))
-        world_lp = torch.cat(world_lp, dim=1)  # (batch, n, T-1)
-        ll = torch.logsumexp(log_pi[:, :-1].transpose(1, 2) + world_lp, dim=1)
+            logits = self._world_at_each_position(lower, caches, cos, sin, valid, vectors, c, memo)
+            logits = logits.view(batch, c, width, vocab)
+            # log pi(a | x_<=t) - log Z_world(t, a): what turns each action's logits into its mixture term.
+            weight = log_pi[:, :, start:start + c].transpose(1, 2)[..., None] - logits.logsumexp(-1, keepdim=True)
+            if targets is not None:
+                logits = logits.gather(-1, targets[:, None, :, None].expand(batch, c, width, 1))
+            part = _logsumexp_over(logits.add_(weight) if not logits.requires_grad else logits + weight, dim=1)
+            total = part if total is None else torch.logaddexp(total, part)
+        return (total if targets is None else total.squeeze(-1)), log_pi
+
+    def lm_logprobs(self, input_ids, attention_mask=None, actions_per_chunk=None):
+        """BWArea as a language model: the exact next-token log-distribution at every position.
+
+        input_ids, attention_mask (batch, T), padded on the left or the right -> (batch, T, vocab) float32, entry
+        [b, t] = log p(. | x_<=t) = log sum_a pi(a | x_<=t) p_world(. | x_<=t, inverse-dynamics actions at
+        s < t, a at t), normalised over the vocabulary (logsumexp 0). Leak-free (nothing at t reads a token
+        after t), deterministic, and the same for a row whatever its batch neighbours or padding. Padded
+        positions hold a valid distribution too (as if the pad token were text, seeing only the valid context
+        before it), which callers mask. The action-independent work runs once; the world model's upper half runs
+        per (position, action), ``actions_per_chunk`` actions at a time (default: about 16 MB of logits per
+        chunk, at least one action), so the memory beyond the result is a few chunk buffers. Wrap in
+        ``torch.no_grad()`` for evaluation.
+        """
+        return self._mixture(input_ids, attention_mask, actions_per_chunk)[0]
+
+    def lm_log_likelihood(self, input_ids, attention_mask=None, actions_per_chunk=None):
+        """Exact log p(x_{t+1} | x_<=t) of BWArea as a language model: ``lm_logprobs`` at the next tokens.
+
+        input_ids, attention_mask (batch, T), padded on the left or the right -> (batch, T-1) float32, entry t =
+        logsumexp_a [log pi(a | x_<=t) + log p_world(x_{t+1} | x_<=t, inverse-dynamics actions before t, a)]
+        = ``lm_logprobs(...)[:, t, x_{t+1}]``. Entries whose target or context token is padding are 0. Same
+        computation as ``lm_logprobs``, with the targets picked before the sum over actions, so gradients into
+        the policy stay cheap. Wrap in ``torch.no_grad()`` for evaluation.
+        """
+        if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] > 0:
+            targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).long()  # the last column is unused
+        else:
+            targets = None  # _understood names what is wrong with input_ids
+        ll = self._mixture(input_ids, attention_mask, actions_per_chunk, targets)[0][:, :-1]
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         return ll.masked_fill(~(valid[:, 1:] & valid[:, :-1]), 0.0)
+
+
+def _shared_context(caches, prefix: int, copies: int) -> list:
+    """``_understood``'s upper-block caches -> per block a PrefixKVCache of the first ``prefix`` positions for
+    ``copies`` query rows per batch row (None for blocks below the action)."""
+    return [None if c is None else PrefixKVCache(c.keys[:, :, :prefix], c.values[:, :, :prefix], copies)
+            for c in caches]
+
+
+def _logsumexp_over(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.logsumexp(x, dim); x is used as scratch space when it carries no gradient (one buffer, not two)."""
+    if x.requires_grad:
+        return torch.logsumexp(x, dim)
+    top = x.amax(dim, keepdim=True)
+    return x.sub_(top).exp_().sum(dim).log_().add_(top.squeeze(dim))
 
 
 def _token_list(value, name) -> list[int]:

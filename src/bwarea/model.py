@@ -12,8 +12,15 @@ A BWArea model is three Llama-style transformers that share a discrete action sp
   width, snapped to the nearest codebook row);
 * the **policy** predicts a_t from tokens <= t (logits over the actions).
 
-Generation (``generate``, ``fanout``, ``lm_log_likelihood``) lives in ``generation.py``; this file is the
-forward pass and the released BWArea call surface (``forward_inverse``, ``forward_policy``, action info).
+Generation (``generate``, ``fanout``) and the exact language-model scores (``lm_logprobs``,
+``lm_log_likelihood``) live in ``generation.py``; this file is the forward pass and the released BWArea call
+surface (``forward_inverse``, ``forward_policy``, action info). The views:
+
+* ``model(input_ids)``: BWArea as a language model, the mixture over the policy's actions (``lm_logprobs``);
+* ``model(input_ids, action_idx=)``: the world model under the given actions;
+* ``forward_inverse``: the world model under the inverse-dynamics actions, which saw the next token (training);
+* ``forward_under_policy``: the world model under the policy's action at each position (the released call);
+* ``forward_policy``: the policy's action logits.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import checkpoint, kernels
@@ -235,9 +242,12 @@ class ActionCodebook(nn.Module):
 class BWAreaOutput(ModelOutput):
     """What the BWArea forward views return.
 
-    logits: (batch, seq, vocab) for the world model views, (batch, seq, num_actions) for ``forward_policy``.
-    action_index: (batch, seq) the actions used (or chosen, for the policy).
-    last_hidden_state: (batch, seq, hidden) the world model's final hidden states.
+    logits: (batch, seq, vocab) for the world model views (normalised log-probabilities for the language-model
+    view, ``forward`` without ``action_idx``), (batch, seq, num_actions) for ``forward_policy``.
+    action_index: (batch, seq) the actions used (or chosen, for the policy; the policy's most likely ones for
+    the language-model view, whose logits sum over all actions).
+    last_hidden_state: (batch, seq, hidden) the world model's final hidden states (``forward(action_idx=)`` and
+    ``forward_inverse``; None elsewhere).
     action_latents / action_vectors: (batch, seq, codebook_dim) the inverse-dynamics output before and after
     quantisation (``forward_inverse`` only; what the VQ losses need).
     """
@@ -254,8 +264,9 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
     """A BWArea model: world model, inverse dynamics, policy and the action codebook.
 
     The call surface is the released one (``model(..., action_idx=)``, ``forward_inverse``,
-    ``forward_policy``, ``set_action_sampling``, ``get_action_info``), plus ``generate``, ``fanout`` and
-    ``lm_log_likelihood`` from ``generation.py``.
+    ``forward_policy``, ``set_action_sampling``, ``get_action_info``), plus ``generate``, ``fanout``,
+    ``lm_logprobs`` and ``lm_log_likelihood`` from ``generation.py``. ``model(input_ids)`` without actions is
+    BWArea as a language model (``lm_logprobs``); ``forward_under_policy`` is the released uncached view.
     """
 
     config_class = BWAreaConfig
@@ -339,6 +350,22 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
             raise ValueError(f"action index {low if low < 0 else high} is outside [0, {n})")
         return action_idx.to(device=input_ids.device, dtype=torch.long)
 
+    # transformers passes these to any causal LM; each is honoured only at its no-op value.
+    # (use_cache changes nothing: every view runs uncached.)
+    _NO_OP_FORWARD_KWARGS = {"output_attentions": (None, False), "output_hidden_states": (None, False),
+                             "position_ids": (None,), "past_key_values": (None,), "inputs_embeds": (None,),
+                             "use_cache": (None, False, True)}
+
+    def _check_forward_kwargs(self, kwargs: dict, method: str = "forward") -> None:
+        no_op = self._NO_OP_FORWARD_KWARGS
+        unknown = sorted(k for k in kwargs if k not in no_op)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.{method} got unexpected arguments {unknown}")
+        unsupported = sorted(k for k, v in kwargs.items() if not any(v is ok for ok in no_op[k]))
+        if unsupported:
+            raise ValueError(f"{type(self).__name__}.{method} cannot honour {unsupported}: give input_ids (positions "
+                             f"follow attention_mask); no attentions, hidden states or caches are returned")
+
     def _dtype(self):
         return self.world_model.embed_tokens.weight.dtype
 
@@ -376,37 +403,63 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
     # ----- the released call surface --------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, action_idx=None, labels=None, return_dict=True,
                 use_cache=None, **unused):
-        """The world model under actions.
+        """Two views, chosen by ``action_idx``.
 
-        With ``action_idx`` (int, or (batch, seq) tensor): those actions at every position.
-        Without: the language-model view: inverse-dynamics actions at positions 0..T-2 (the prompt is
-        understood) and the policy's action at T-1, so ``logits[:, -1]`` is the next-token distribution.
-        ``labels`` (batch, seq) gives ``loss``, the shifted next-token cross-entropy (-100 ignored).
+        Without ``action_idx``: BWArea as a language model (``lm_logprobs``). ``logits`` (batch, seq, vocab)
+        float32 is, at every position t, the normalised log of the mixture
+        log sum_a pi(a | x_<=t) p_world(. | x_<=t, inverse-dynamics actions before t, a): leak-free,
+        deterministic, and the same whatever the batch size, padding (left or right, with ``attention_mask``) or
+        batch neighbours; padded positions hold a valid distribution that callers mask. ``labels`` (batch, seq)
+        gives ``loss``, the exact mean next-token NLL (-100 ignored). ``action_index`` (batch, seq) is the
+        policy's most likely action at each position, for information (the logits sum over all actions);
+        ``last_hidden_state`` is None (there is one per action). Nothing is added to ``get_action_info``.
+
+        With ``action_idx`` (int, or (batch, seq) tensor): the world model under those actions at every position
+        (its logits, not normalised), as released; ``action_index`` echoes them.
+
+        ``forward_inverse`` is the training view (it sees the next token: never a language-model score),
+        ``forward_policy`` the policy, ``forward_under_policy`` the released ``model(input_ids, attention_mask)``.
         """
-        if unused:
-            unknown = sorted(k for k in unused if k not in ("output_attentions", "output_hidden_states",
-                                                           "position_ids", "past_key_values"))
-            if unknown:
-                raise TypeError(f"BWAreaForCausalLM.forward got unexpected arguments {unknown}")
+        self._check_forward_kwargs(unused)
         self._check_inputs(input_ids, attention_mask)
-        if action_idx is not None:
-            actions = self._check_actions(action_idx, input_ids)
-        else:
-            inverse, _, _ = self.infer_actions(input_ids, attention_mask)
-            chosen = self.sample_actions(self.policy_logits(input_ids, attention_mask)[:, -1])
-            actions = torch.cat([inverse[:, :-1], chosen[:, None]], dim=1)
-            self.action_info["action_idx"].append(chosen[:, None])
+        if action_idx is None:
+            logprobs, log_pi = self._mixture(input_ids, attention_mask, None)
+            loss = None if labels is None else next_token_loss(logprobs, labels)
+            out = BWAreaOutput(loss=loss, logits=logprobs, action_index=log_pi.argmax(-1))
+            return out if return_dict else out.to_tuple()
+        actions = self._check_actions(action_idx, input_ids)
         logits, hidden = self.world_logits(input_ids, self.action_codebook(actions), attention_mask)
         loss = None if labels is None else next_token_loss(logits, labels)
         out = BWAreaOutput(loss=loss, logits=logits, action_index=actions, last_hidden_state=hidden)
         return out if return_dict else out.to_tuple()
 
-    def forward_inverse(self, input_ids, attention_mask=None, labels=None, return_dict=True, **unused):
-        """The training view: the world model under the inverse-dynamics actions.
+    def forward_under_policy(self, input_ids, attention_mask=None, labels=None, return_dict=True):
+        """The released ``model(input_ids, attention_mask)`` (what ``bwareaModel`` serves): the world model at
+        every position under the policy's action there, the context before it understood.
 
-        -> logits (batch, seq, vocab), action_index (batch, seq) (the last has no next token to explain),
-        action_latents / action_vectors for the VQ losses, ``loss`` with ``labels``.
+        -> logits (batch, seq, vocab) float32: at t, the world model's logits after x_<=t with the
+        inverse-dynamics actions at s < t and, at t, the policy's action sampled per ``set_action_sampling``
+        (greedy: its argmax); ``action_index`` (batch, seq) those policy actions, the last column of which is
+        appended to ``get_action_info``; ``loss`` with ``labels``. Leak-free: nothing at t reads a token after
+        t. Left or right padding with ``attention_mask``; padded positions hold values that callers mask.
         """
+        self._check_inputs(input_ids, attention_mask)
+        actions = self.sample_actions(self.policy_logits(input_ids, attention_mask))
+        logits = self.world_logits_per_position(input_ids, attention_mask, actions)
+        self.action_info["action_idx"].append(actions[:, -1:])
+        loss = None if labels is None else next_token_loss(logits, labels)
+        out = BWAreaOutput(loss=loss, logits=logits, action_index=actions)
+        return out if return_dict else out.to_tuple()
+
+    def forward_inverse(self, input_ids, attention_mask=None, labels=None, return_dict=True, **unused):
+        """The training (reconstruction) view: the world model under the inverse-dynamics actions.
+
+        The action at t is inferred from tokens <= t+1, so these logits have seen the token they predict: they
+        are what stage-1 training fits and what ``id_ppl`` reports, never a language-model score (use
+        ``forward`` or ``lm_logprobs``). -> logits (batch, seq, vocab), action_index (batch, seq) (the last has
+        no next token to explain), action_latents / action_vectors for the VQ losses, ``loss`` with ``labels``.
+        """
+        self._check_forward_kwargs(unused, "forward_inverse")
         self._check_inputs(input_ids, attention_mask)
         index, latents, vectors = self.infer_actions(input_ids, attention_mask)
         logits, hidden = self.world_logits(input_ids, vectors, attention_mask)
@@ -416,7 +469,9 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
         return out if return_dict else out.to_tuple()
 
     def forward_policy(self, input_ids, attention_mask=None, return_dict=True, **unused):
-        """The policy: logits (batch, seq, num_actions) and action_index chosen per ``set_action_sampling``."""
+        """The policy: logits (batch, seq, num_actions) over the actions (not tokens), and action_index (batch,
+        seq) chosen per ``set_action_sampling``; the last column is appended to ``get_action_info``."""
+        self._check_forward_kwargs(unused, "forward_policy")
         self._check_inputs(input_ids, attention_mask)
         logits = self.policy_logits(input_ids, attention_mask)
         index = self.sample_actions(logits)
@@ -489,3 +544,8 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits[:, t] against labels[:, t+1], ignoring -100."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                            ignore_index=-100)
+
+
+# transformers' Auto classes find BWArea from the moment this module loads (see bwarea/__init__.py).
+AutoConfig.register("bwarea", BWAreaConfig, exist_ok=True)
+AutoModelForCausalLM.register(BWAreaConfig, BWAreaForCausalLM, exist_ok=True)

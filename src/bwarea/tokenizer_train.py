@@ -14,15 +14,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from .data import documents, paragraph_chunks, resolve_files
+from .data import document_pieces, resolve_files
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 
 
 def _texts(files: list[Path]):
     for path in tqdm(files, desc="reading", unit="file", disable=len(files) < 2):
-        for doc in documents(path):
-            yield from paragraph_chunks(doc)
+        for pieces in document_pieces(path):  # streamed: bounded memory whatever the file's size
+            yield from pieces
 
 
 def train_tokenizer(data, vocab_size: int, out_dir, min_frequency: int = 2) -> PreTrainedTokenizerFast:

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from . import seed
+
 MODEL_HELP = "model folder (bwarea or released format); default: the shipped model"
 
 
@@ -24,7 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL-style penalty (default 1: off)")
     p.add_argument("--greedy", action="store_true", help="argmax tokens (and actions, unless --action-temperature)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--seed", type=seed, default=None, help="seed for reproducible sampling, in [0, 2**32)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     add_action_args(p)
     p.add_argument("--prompt-actions", choices=["inverse", "policy"], default="inverse",
@@ -63,13 +65,15 @@ the first token has none.""")
   bwarea convert released/ converted/ --dtype bfloat16 --force
 
 Weights are renamed and fused (no numbers change, unless --dtype casts them); the tokenizer files are copied.
-A pickle checkpoint (pytorch_model.bin) is only read with --allow-pickle.""")
+A pickle checkpoint (pytorch_model.bin) is only read with --allow-pickle. A file in DST with a name convert
+writes is replaced only with --force; nothing else in DST is touched.""")
     p.add_argument("src", help="released checkpoint folder (config.json with num_code, weights, tokenizer)")
     p.add_argument("dst", help="folder to write")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype to write (default auto: as stored)")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin files (trusted sources only)")
-    p.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DST")
+    p.add_argument("--force", action="store_true",
+                   help="replace files of the names convert writes that DST already holds (nothing else)")
     p.set_defaults(func=run_convert)
 
 
@@ -83,6 +87,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default float32)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read a pytorch_model.bin checkpoint (pickle: trusted sources only)")
 
 
 def add_action_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +144,7 @@ def load_model(args):
     from bwarea.loading import load
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load(args.model, dtype=dtype, device=args.device)
+    return load(args.model, dtype=dtype, device=args.device, allow_pickle=args.allow_pickle)
 
 
 def generation_options(args, num_actions: int) -> dict:
@@ -258,20 +264,34 @@ def run_explore(args) -> int:
 
 
 def run_convert(args) -> int:
+    import os
     from pathlib import Path
 
-    from bwarea.checkpoint import convert_released_checkpoint, read_config
+    from bwarea.checkpoint import convert_released_checkpoint, converted_file_names, read_config
 
     _, fmt = read_config(args.src)
     if fmt != "released":
         raise ValueError(f"{args.src} is already a bwarea checkpoint; nothing to convert")
     dst = Path(args.dst)
-    if (dst / "config.json").exists() and not args.force:
-        raise ValueError(f"{dst} already holds a checkpoint; pass --force to overwrite it")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"DST {str(dst)!r} is a file, not a folder: give a folder to write the checkpoint into")
+    parent = next(p for p in (dst.absolute(), *dst.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"cannot create DST {str(dst)!r}: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write DST {str(dst)!r}: {parent} is not writable")
     if dst.resolve() == Path(args.src).resolve():
         raise ValueError("DST must differ from SRC: the released files would be overwritten while being read")
+    names = converted_file_names(args.src)
+    # Only the files convert writes are ever replaced, and only with --force; anything else in DST stays.
+    taken = [name for name in names if (dst / name).exists() or (dst / name).is_symlink()]
+    if taken and not args.force:
+        raise ValueError(f"{dst} already holds {', '.join(taken)}; pass --force to overwrite "
+                         f"{'it' if len(taken) == 1 else 'them'} (nothing else in {dst} is touched)")
+    not_files = [name for name in taken if (dst / name).is_dir()]
+    if not_files:
+        raise ValueError(f"{dst / not_files[0]} is a folder; convert writes a file of that name")
     start = time.perf_counter()
     convert_released_checkpoint(args.src, dst, dtype=args.dtype, allow_pickle=args.allow_pickle)
-    files = ", ".join(sorted(p.name for p in dst.iterdir() if not p.name.startswith(".")))
-    print(f"wrote {dst} in {time.perf_counter() - start:.1f} s: {files}")
+    print(f"wrote {dst} in {time.perf_counter() - start:.1f} s: {', '.join(names)}")
     return 0

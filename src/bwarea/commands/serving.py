@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import port
 from .inference import add_model_args, load_model
 
 EPILOG = """examples:
@@ -11,6 +12,8 @@ EPILOG = """examples:
   bwarea serve --model ./my-bwarea --port 9000 --max-tokens 512 --max-batch 16
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "The king said", "max_tokens": 20, "actions": 17, "return_actions": true}'
+
+  bwarea serve --host 0.0.0.0 --allowed-hosts myserver.lan,192.168.1.20   # reachable from the network
 
 Requests above a limit get a 400 naming it; when --queue-size requests are already waiting, a 503.
 docs/serving.md describes every endpoint and field."""
@@ -23,8 +26,11 @@ def register(subparsers) -> None:
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port, 1..65535 (default 8000)")
     p.add_argument("--model-id", default=None, help="the model name clients see (default: the folder name)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated names the Host header may carry, '*' for any (default: localhost, "
+                        "127.0.0.1, ::1 and --host); others get 400, which stops DNS-rebinding pages")
     g = p.add_argument_group("limits")
     g.add_argument("--max-tokens", type=int, default=256, help="most new tokens per completion (default 256)")
     g.add_argument("--max-prompt-tokens", type=int, default=None,
@@ -32,6 +38,8 @@ def register(subparsers) -> None:
     g.add_argument("--max-n", type=int, default=8, help="most completions per prompt (default 8)")
     g.add_argument("--max-batch", type=int, default=8, help="most sequences generated together (default 8)")
     g.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more get 503 (default 64)")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                   help="largest request body; larger ones get 413 before they are read (default 1048576)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run_serve)
 
@@ -40,19 +48,22 @@ def run_serve(args) -> int:
     import uvicorn
 
     from bwarea.serve import Limits, create_app
+    from bwarea.serve.app import allowed_hosts_for
 
-    for name in ("max_tokens", "max_n", "max_batch", "queue_size"):
+    for name in ("max_tokens", "max_n", "max_batch", "queue_size", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError("--max-prompt-tokens must be >= 1")
+    hosts = allowed_hosts_for(args.host, args.allowed_hosts)
     model, tokenizer = load_model(args)
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
-                    max_batch=args.max_batch, queue_size=args.queue_size)
+                    max_batch=args.max_batch, queue_size=args.queue_size, max_body_bytes=args.max_body_bytes)
     from pathlib import Path
 
     model_id = args.model_id or ("bwarea-default" if args.model is None else Path(args.model).resolve().name)
-    app = create_app(model, tokenizer, limits, model_id=model_id)
+    app = create_app(model, tokenizer, limits, model_id=model_id, allowed_hosts=hosts)
     print(f"bwarea: serving {app.state.model_id} on http://{args.host}:{args.port}/ (explorer at /, API under /v1)")
+    print(f"bwarea: requests must name one of these hosts: {', '.join(hosts)} (--allowed-hosts)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -8,6 +8,11 @@ Specs on the command line:
     keyword | length | sentiment          a built-in task (bwarea.rl.tasks)
     path/to/file.py:function             a function in a Python file
     package.module:function              a function in an importable module
+
+Every value is checked: a reward must return one real number per sample (int, float, bool, numpy or
+0-d tensor numbers). ``None``, strings, NaN, inf and numbers too large for a float are bad values, as is a
+weighted total that overflows. Each call runs in a worker thread with a time limit (``timeout``, the CLI's
+``--reward-timeout``): a call that does not return in time is abandoned and the run stops.
 """
 
 from __future__ import annotations
@@ -15,18 +20,55 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import sys
+import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .settings import DEFAULT_TIMEOUT
+
 RewardFn = Callable[..., list]
 
 
 class RewardError(ValueError):
     """A reward returned something unusable; the message names the reward and the sample."""
+
+
+class RewardTimeout(RewardError):
+    """A reward (or environment) call did not return within the time limit; it was abandoned."""
+
+
+def call_with_timeout(fn, timeout: float | None, what: str):
+    """fn() in a daemon worker thread, waiting at most ``timeout`` seconds (None or 0: no limit, called here).
+
+    Python cannot stop a thread, so a call that overruns is abandoned (it may go on running in the
+    background until the process exits) and RewardTimeout is raised: a run must not go on beside it.
+    What fn raises is raised here.
+    """
+    if not timeout:
+        return fn()
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller's thread
+            box["error"] = err
+
+    worker = threading.Thread(target=target, name="bwarea-reward", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardTimeout(f"{what} did not return within {timeout:g} s (--reward-timeout); the call was "
+                            "abandoned and the run stopped")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def load_reward(spec: str, task_options: dict | None = None) -> RewardFn:
@@ -51,6 +93,8 @@ def load_reward(spec: str, task_options: dict | None = None) -> RewardFn:
             module = importlib.import_module(where)
         except ModuleNotFoundError as err:
             raise ValueError(f"reward {spec!r}: cannot import module {where!r} ({err})") from err
+        except Exception as err:  # the module's own code failed: name the error and where
+            raise ValueError(f"reward {spec!r}: importing module {where!r} failed: {_where_failed(err)}") from err
     if not hasattr(module, name):
         raise ValueError(f"reward {spec!r}: {where} has no attribute {name!r}")
     fn = getattr(module, name)
@@ -67,8 +111,25 @@ def _module_from_file(path: Path, spec: str):
     module = importlib.util.module_from_spec(loader_spec)
     # Registered before running so dataclasses and pickling inside the file can find the module.
     sys.modules[module_name] = module
-    loader_spec.loader.exec_module(module)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as err:  # a syntax error, a failed import, or any error in the file's top-level code
+        del sys.modules[module_name]
+        raise ValueError(f"reward {spec!r}: cannot load {str(path)!r}: {_where_failed(err, path)}") from err
     return module
+
+
+def _where_failed(err: BaseException, path: Path | None = None) -> str:
+    """'SyntaxError: invalid syntax (r.py, line 3)' / 'ImportError: ... (r.py, line 1)': the error and its line."""
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, SyntaxError):
+        return text  # its message already names the file and line
+    frames = traceback.extract_tb(err.__traceback__)
+    if path is not None:
+        frames = [f for f in frames if Path(f.filename).resolve() == path.resolve()] or frames
+    if frames:
+        text += f" ({Path(frames[-1].filename).name}, line {frames[-1].lineno})"
+    return text
 
 
 class RewardModel:
@@ -138,19 +199,25 @@ class Reward:
 class RewardSet:
     """Several weighted rewards, checked value by value.
 
-    ``score(prompts, completions, **kw)`` -> (total (batch,) float tensor, valid (batch,) bool tensor,
-    per-reward means {name: float}). A reward that raises, returns NaN/inf, or returns the wrong number
-    of values raises RewardError naming the reward and the sample; with ``skip_bad=True`` those samples
-    are marked invalid instead (left out of the update) and counted in ``skipped``.
+    ``score(prompts, completions, **kw)`` -> (total (batch,) float64 tensor, valid (batch,) bool tensor,
+    per-reward means {name: float}). A reward that raises, returns a bad value (see the module docstring) or
+    the wrong number of values raises RewardError naming the reward, the sample and what it returned; with
+    ``skip_bad=True`` those samples are marked invalid instead (left out of the update) and counted in
+    ``skipped``. A call that overruns ``timeout`` seconds raises RewardTimeout even with ``skip_bad``.
     """
 
-    def __init__(self, rewards: list[Reward], skip_bad: bool = False):
+    def __init__(self, rewards: list[Reward], skip_bad: bool = False, timeout: float | None = DEFAULT_TIMEOUT):
         if not rewards:
             raise ValueError("no reward given: pass --reward SPEC, --task NAME or --reward-model PATH")
+        for r in rewards:
+            if not math.isfinite(r.weight):
+                raise ValueError(f"reward {r.name!r}: weight must be a finite number, got {r.weight}")
+        if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+            raise ValueError(f"reward timeout must be a finite number of seconds >= 0 (0: no limit), got {timeout}")
         names = [r.name for r in rewards]
         if len(set(names)) != len(names):
             rewards = [Reward(f"{r.name}#{i}", r.fn, r.weight) for i, r in enumerate(rewards)]
-        self.rewards, self.skip_bad, self.skipped = rewards, skip_bad, 0
+        self.rewards, self.skip_bad, self.timeout, self.skipped = rewards, skip_bad, timeout, 0
 
     def score(self, prompts: list[str], completions: list[str], **kwargs):
         n = len(completions)
@@ -161,28 +228,46 @@ class RewardSet:
             values, ok = self._call(reward, prompts, completions, kwargs)
             valid &= ok
             total += reward.weight * torch.where(ok, values, torch.zeros_like(values))
-            means[reward.name] = float(values[ok].mean()) if ok.any() else float("nan")
+            # Divided before summing, so the mean of huge rewards cannot overflow.
+            means[reward.name] = float((values[ok] / int(ok.sum())).sum()) if ok.any() else float("nan")
+        # Finite values can still overflow once weighted and summed (two rewards of 1e308).
+        overflow = valid & ~torch.isfinite(total)
+        if overflow.any():
+            i = int(overflow.nonzero()[0])
+            if not self.skip_bad:
+                raise RewardError(f"the weighted sum of the rewards overflows for sample {i} (completion "
+                                  f"{_snippet(completions[i])}); scale the rewards or weights down, or pass "
+                                  "--skip-bad-rewards to skip such samples")
+            valid &= ~overflow
+            total = torch.where(valid, total, torch.zeros_like(total))
         self.skipped += int((~valid).sum())
-        return total.float(), valid, means
+        return total, valid, means
+
+    def _invoke(self, reward: Reward, prompts, completions, kwargs):
+        return call_with_timeout(lambda: reward.fn(prompts=list(prompts), completions=list(completions), **kwargs),
+                                 self.timeout, f"reward {reward.name!r} (called on {len(completions)} samples)")
 
     def _call(self, reward: Reward, prompts, completions, kwargs):
         """-> (values (n,) float64, ok (n,) bool) for one reward, raising unless skip_bad."""
         n = len(completions)
         try:
-            raw = reward.fn(prompts=list(prompts), completions=list(completions), **kwargs)
+            raw = self._invoke(reward, prompts, completions, kwargs)
+        except RewardTimeout:
+            raise
         except Exception as err:  # the reward is user code: any failure is reported, with the sample
             return self._per_sample(reward, prompts, completions, kwargs, err)
-        values = _as_floats(raw)
-        if values is None:
+        checked = _as_floats(raw)
+        if checked is None:
             return self._bad(reward, f"returned a {type(raw).__name__}, not a list of numbers", n)
-        if len(values) != n:
-            return self._bad(reward, f"returned {len(values)} values for {n} samples", n)
-        ok = torch.tensor([v is not None and math.isfinite(v) for v in values], dtype=torch.bool)
-        if not ok.all() and not self.skip_bad:
-            i = int((~ok).nonzero()[0])
-            raise RewardError(f"reward {reward.name!r} returned {values[i]} for sample {i} "
+        if len(checked) != n:
+            return self._bad(reward, f"returned {len(checked)} values for {n} samples", n)
+        problems = [problem for _, problem in checked]
+        if any(problems) and not self.skip_bad:
+            i = next(i for i, problem in enumerate(problems) if problem)
+            raise RewardError(f"reward {reward.name!r} returned {problems[i]} for sample {i} "
                               f"(completion {_snippet(completions[i])}); pass --skip-bad-rewards to skip such samples")
-        return torch.tensor([v if ok_i else 0.0 for v, ok_i in zip(values, ok.tolist())], dtype=torch.float64), ok
+        ok = torch.tensor([not problem for problem in problems], dtype=torch.bool)
+        return torch.tensor([v if v is not None else 0.0 for v, _ in checked], dtype=torch.float64), ok
 
     def _per_sample(self, reward, prompts, completions, kwargs, err):
         """The batch call raised: find which samples make it raise, one by one."""
@@ -190,15 +275,17 @@ class RewardSet:
         for i in range(len(completions)):
             one = {k: [v[i]] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}
             try:
-                got = _as_floats(reward.fn(prompts=[prompts[i]], completions=[completions[i]], **one))
+                got = _as_floats(self._invoke(reward, [prompts[i]], [completions[i]], one))
+            except RewardTimeout:
+                raise
             except Exception as sample_err:
                 if not self.skip_bad:
                     raise RewardError(f"reward {reward.name!r} raised {type(sample_err).__name__}: {sample_err} on "
                                       f"sample {i} (completion {_snippet(completions[i])}); pass --skip-bad-rewards "
                                       "to skip such samples") from sample_err
                 continue
-            if got is not None and len(got) == 1 and got[0] is not None and math.isfinite(got[0]):
-                values[i], ok[i] = got[0], True
+            if got is not None and len(got) == 1 and not got[0][1]:
+                values[i], ok[i] = got[0][0], True
         if ok.all() and not self.skip_bad:
             # Each sample alone is fine: the failure is in the batch call itself.
             raise RewardError(f"reward {reward.name!r} raised {type(err).__name__}: {err} on a batch of "
@@ -212,24 +299,41 @@ class RewardSet:
         return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
 
 
-def _as_floats(raw) -> list | None:
-    """list / tuple / tensor / ndarray of numbers (None allowed) -> list of float|None; None if not a sequence."""
+def _as_floats(raw) -> list[tuple[float | None, str | None]] | None:
+    """A reward's return value -> [(value, problem)] per sample, None if it is not a sequence.
+
+    ``problem`` is None for a usable value, else what was returned, for the error message: ``None``,
+    ``'1.0' (a str, not a number)``, ``nan``, ``an int too large for a float (about 10**400)``.
+    """
     if torch.is_tensor(raw):
         raw = raw.detach().reshape(-1).tolist()
     elif hasattr(raw, "tolist") and not isinstance(raw, (str, bytes)):
         raw = raw.tolist()
     if not isinstance(raw, (list, tuple)):
         return None
-    out = []
-    for v in raw:
-        if v is None:
-            out.append(None)
-            continue
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError):
-            out.append(None)
-    return out
+    return [check_reward_value(v) for v in raw]
+
+
+def check_reward_value(v) -> tuple[float | None, str | None]:
+    """One reward value -> (float, None) when it is a finite real number, else (None, what it was)."""
+    if torch.is_tensor(v) and v.numel() == 1:
+        v = v.item()
+    # Only real numbers: a string that looks like one ("1.0") is as much a bug as "abc".
+    if not isinstance(v, numbers.Real):
+        shown = repr(v)
+        shown = shown if len(shown) <= 40 else shown[:40] + "..."
+        return None, "None" if v is None else f"{shown} (a {type(v).__name__}, not a number)"
+    try:
+        value = float(v)
+    except OverflowError:
+        name = type(v).__name__
+        digits = ""
+        if isinstance(v, numbers.Integral):  # bit_length: Python refuses to print ints of over 4300 digits
+            digits = f" (about 10**{int(abs(int(v)).bit_length() * math.log10(2))})"
+        return None, f"{'an' if name[0] in 'aeiou' else 'a'} {name} too large for a float{digits}"
+    if not math.isfinite(value):
+        return None, repr(value)
+    return value, None
 
 
 def _snippet(text: str, limit: int = 60) -> str:
@@ -238,7 +342,7 @@ def _snippet(text: str, limit: int = 60) -> str:
 
 def build_reward_set(specs: list[str], weights: list[float] | None = None, reward_model: str | None = None,
                      reward_model_weight: float = 1.0, skip_bad: bool = False, task_options: dict | None = None,
-                     **reward_model_options) -> RewardSet:
+                     timeout: float | None = DEFAULT_TIMEOUT, **reward_model_options) -> RewardSet:
     """The rewards of a run from command-line specs. ``weights`` pairs with ``specs`` (default 1.0 each)."""
     weights = list(weights or [])
     if weights and len(weights) != len(specs):
@@ -249,4 +353,4 @@ def build_reward_set(specs: list[str], weights: list[float] | None = None, rewar
     if reward_model:
         model = RewardModel(reward_model, **reward_model_options)
         rewards.append(Reward(f"reward_model:{Path(reward_model).name}", model, reward_model_weight))
-    return RewardSet(rewards, skip_bad=skip_bad)
+    return RewardSet(rewards, skip_bad=skip_bad, timeout=timeout)

@@ -12,12 +12,11 @@ padding by comparing the *mask* with the pad id; here decisions are marked by th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 
 import torch
 
-from .rewards import RewardError
+from .rewards import RewardError, check_reward_value, call_with_timeout
 
 
 @dataclass
@@ -28,7 +27,8 @@ class Rollout:
     attention_mask (batch, seq) long: 1 for real tokens (prompt, written tokens, observations).
     actions (batch, seq) long: actions[:, t] produced token t+1 (0 where there was no decision).
     action_mask (batch, seq) bool: True where column t is a policy decision that counts.
-    rewards (batch, seq) float: rewards given at decisions (the last decision of each turn).
+    rewards (batch, seq) float64: rewards given at decisions (the last decision of each turn); float64 so
+        any finite reward is held as given (the trainer scales them into float32's range).
     step_mask (batch, seq) bool: where a reward was given (a reward of 0 is still a reward).
     group (batch,) long: samples with the same group share a prompt (GRPO, leave-one-out).
     behaviour_logprobs (batch, seq) float: log pi(action) as the generation engine computed it.
@@ -119,7 +119,8 @@ def sample_completions(model, tokenizer, prompts: list[str], *, group_size: int 
     completion_ids = [row[m].tolist() for row, m in zip(out.sequences[:, p:], new_mask)]
     return Rollout(
         sequences=out.sequences, attention_mask=attention_mask, actions=actions, action_mask=action_mask,
-        rewards=torch.zeros(batch, seq_len, device=device), step_mask=torch.zeros_like(action_mask),
+        rewards=torch.zeros(batch, seq_len, dtype=torch.float64, device=device),
+        step_mask=torch.zeros_like(action_mask),
         group=torch.arange(len(prompts), device=device).repeat_interleave(group_size),
         behaviour_logprobs=logprobs, prompts=[p_ for p_ in prompts for _ in range(group_size)],
         completions=tokenizer.batch_decode(completion_ids, skip_special_tokens=True), completion_ids=completion_ids)
@@ -128,7 +129,7 @@ def sample_completions(model, tokenizer, prompts: list[str], *, group_size: int 
 @torch.no_grad()
 def play_episodes(model, tokenizer, envs: list, *, group: list[int] | None = None, max_turns: int = 8,
                   max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> Rollout:
+                  generator: torch.Generator | None = None, timeout: float | None = None) -> Rollout:
     """Play one episode in each environment; all live episodes write their turn in one batch.
 
     A turn: the model continues the transcript, the environment reads what it wrote and answers with
@@ -140,7 +141,7 @@ def play_episodes(model, tokenizer, envs: list, *, group: list[int] | None = Non
     limit = model.config.max_position_embeddings
     tokenizer.padding_side = "left"
     n = len(envs)
-    openings = [_env_reset(env, i) for i, env in enumerate(envs)]
+    openings = [_env_reset(env, i, timeout) for i, env in enumerate(envs)]
     tokens = [tokenizer(text).input_ids for text in openings]
     token_actions = [[-1] * len(t) for t in tokens]  # -1: not written by a decision
     token_logprobs = [[0.0] * len(t) for t in tokens]
@@ -165,7 +166,7 @@ def play_episodes(model, tokenizer, envs: list, *, group: list[int] | None = Non
             new, acts = out.sequences[row, p:][m].tolist(), out.actions[row][m].tolist()
             logps = out.action_logprobs[row][m].float().tolist()
             text = tokenizer.decode(new, skip_special_tokens=True)
-            observation, reward, finished = _env_step(envs[i], i, text)
+            observation, reward, finished = _env_step(envs[i], i, text, timeout)
             tokens[i] += new
             token_actions[i] += acts
             token_logprobs[i] += logps
@@ -188,7 +189,7 @@ def _assemble(tokens, token_actions, token_logprobs, step_rewards, openings, wri
         sequences=torch.full((n, width), pad_id, dtype=torch.long),
         attention_mask=torch.zeros(n, width, dtype=torch.long),
         actions=torch.zeros(n, width, dtype=torch.long), action_mask=torch.zeros(n, width, dtype=torch.bool),
-        rewards=torch.zeros(n, width), step_mask=torch.zeros(n, width, dtype=torch.bool),
+        rewards=torch.zeros(n, width, dtype=torch.float64), step_mask=torch.zeros(n, width, dtype=torch.bool),
         group=torch.tensor(group if group is not None else list(range(n)), dtype=torch.long),
         behaviour_logprobs=torch.zeros(n, width), prompts=openings, completions=written,
         completion_ids=[[t for t, a in zip(ts, acts) if a >= 0] for ts, acts in zip(tokens, token_actions)])
@@ -207,26 +208,24 @@ def _assemble(tokens, token_actions, token_logprobs, step_rewards, openings, wri
     return r.to(device)
 
 
-def _env_reset(env, i: int) -> str:
-    prompt = env.reset()
+def _env_reset(env, i: int, timeout: float | None = None) -> str:
+    prompt = call_with_timeout(env.reset, timeout, f"environment {type(env).__name__} (episode {i}) reset()")
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"environment {type(env).__name__} (episode {i}): reset() must return a non-empty "
                          f"prompt string, got {prompt!r}")
     return prompt
 
 
-def _env_step(env, i: int, text: str) -> tuple[str, float, bool]:
-    result = env.step(text)
+def _env_step(env, i: int, text: str, timeout: float | None = None) -> tuple[str, float, bool]:
+    result = call_with_timeout(lambda: env.step(text), timeout,
+                               f"environment {type(env).__name__} (episode {i}) step()")
     if not (isinstance(result, tuple) and len(result) == 3):
         raise ValueError(f"environment {type(env).__name__} (episode {i}): step() must return "
                          f"(observation, reward, done), got {result!r}")
     observation, reward, finished = result
-    try:
-        reward = float(reward)
-    except (TypeError, ValueError):
-        reward = float("nan")
-    if not math.isfinite(reward):
-        raise RewardError(f"environment {type(env).__name__} (episode {i}) gave reward {result[1]!r} for "
+    reward, problem = check_reward_value(reward)
+    if problem:
+        raise RewardError(f"environment {type(env).__name__} (episode {i}) gave reward {problem} for "
                           f"{text[:60]!r}; rewards must be finite numbers")
     if not isinstance(observation, str):
         raise ValueError(f"environment {type(env).__name__} (episode {i}): observation must be a string, "

@@ -11,8 +11,15 @@ gathered before they are written. Only the policy (``model.policy``; plus a valu
 trains. The reference for the KL penalty is a frozen copy of the starting policy. After training (and at
 every checkpoint) the world model, inverse dynamics and codebook are checked bit-identical to the start.
 
-OUT holds: the trained model (config.json + model.safetensors + tokenizer: ``from_pretrained(OUT)``),
-metrics.jsonl (one JSON object per step), tb/ (TensorBoard), checkpoints/step-N/ (for --resume).
+OUT is a run folder of the training engine (``bwarea.train.engine``: its marker, run_config.json, atomic
+checkpoints, --resume and --overwrite as for pretraining). It holds the trained model (config.json +
+model.safetensors + tokenizer: ``from_pretrained(OUT)``), metrics.jsonl (one strict JSON object per step),
+tensorboard/, checkpoints/step-N/ (for --resume).
+
+Every update is guarded: a NaN/inf loss or gradient skips it (the policy and optimizer stay as they were)
+and is counted; ``max_bad_steps`` such steps in a row stop the run with RLStopped. A step whose samples
+were all skipped (bad rewards) makes no update; a run in which no step made one stops with RLStopped and
+writes no model. A non-finite policy is never written.
 """
 
 from __future__ import annotations
@@ -20,10 +27,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -32,74 +37,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import jsonl_records
+from ..train.engine import (METRICS, MODEL_FILES, Engine, ResumeRefused, all_finite, clip_gradients, make_accelerator,
+                            strict_json)
 from . import algorithms as alg
 from .rollout import Rollout, play_episodes, sample_completions
+from .settings import RLConfig
 
-METRICS = "metrics.jsonl"
+# Settings that may change when a run is resumed: they do not change the steps already run.
+RESUMABLE_FIELDS = {"steps", "save_every", "keep_checkpoints", "tensorboard", "max_bad_steps", "reward_timeout"}
 
 
-@dataclass
-class RLConfig:
-    """Hyper-parameters of a run. ``None`` fields take the algorithm's default (see ``resolved``)."""
-
-    algo: str = "grpo"
-    steps: int = 100
-    batch_size: int = 8            # prompts (or episodes) per step, per process
-    group_size: int | None = None  # samples per prompt: grpo 4, reinforce 4 (leave-one-out), ppo 1
-    max_new_tokens: int = 24
-    temperature: float = 1.0       # token sampling of the world model (actions are always at temperature 1)
-    top_k: int | None = None
-    top_p: float = 1.0
-    max_prompt_tokens: int = 64
-    lr: float = 1e-4
-    kl_coef: float = 0.05
-    entropy_coef: float = 0.0
-    clip: float = 0.2
-    epochs: int | None = None      # passes over each batch: ppo 4, others 1
-    minibatches: int | None = None  # per pass: ppo 2, others 1
-    baseline: str = "loo"          # reinforce: "loo" (leave-one-out within the group) or "ema"
-    ema_decay: float = 0.9
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.5
-    max_grad_norm: float = 1.0
-    max_turns: int = 3             # environments: turns per episode
-    seed: int = 0
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    tensorboard: bool = True
-
-    def resolved(self) -> "RLConfig":
-        """A copy with the algorithm defaults filled in and every field checked (ValueError naming it)."""
-        c = copy.copy(self)
-        alg.check_algorithm(c.algo)
-        ppo = c.algo == "ppo"
-        c.group_size = c.group_size if c.group_size is not None else (1 if ppo else 4)
-        c.epochs = c.epochs if c.epochs is not None else (4 if ppo else 1)
-        c.minibatches = c.minibatches if c.minibatches is not None else (2 if ppo else 1)
-        positive = ["steps", "batch_size", "group_size", "max_new_tokens", "epochs", "minibatches", "max_turns",
-                    "save_every", "keep_checkpoints", "max_prompt_tokens"]
-        for name in positive:
-            if int(getattr(c, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(c, name)}")
-        for name in ("lr", "temperature"):
-            if not getattr(c, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(c, name)}")
-        for name in ("kl_coef", "entropy_coef", "vf_coef", "max_grad_norm"):
-            if getattr(c, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
-        if not 0 < c.clip < 1:
-            raise ValueError(f"clip must lie in (0, 1), got {c.clip}")
-        if c.baseline not in ("loo", "ema"):
-            raise ValueError(f"baseline must be 'loo' or 'ema', got {c.baseline!r}")
-        if c.algo == "grpo" and c.group_size < 2:
-            raise ValueError("grpo compares samples of the same prompt: group_size must be >= 2")
-        if c.algo == "reinforce" and c.baseline == "loo" and c.group_size < 2:
-            raise ValueError("a leave-one-out baseline needs group_size >= 2 (or use baseline 'ema')")
-        if (c.batch_size * c.group_size) % c.minibatches:
-            raise ValueError(f"minibatches {c.minibatches} must divide the {c.batch_size * c.group_size} samples "
-                             "of a step")
-        return c
+class RLStopped(RuntimeError):
+    """The run cannot go on (updates stayed non-finite, or no step had a usable sample); the message says
+    what OUT holds. The CLI prints it as one line."""
 
 
 def load_prompts(path) -> list[dict]:
@@ -149,7 +99,8 @@ def fingerprint(module: nn.Module, skip_prefix: str | None = None) -> dict[str, 
 
 
 class PolicyWithValue(nn.Module):
-    """What trains: the policy trunk and head, and for PPO a value head reading the same trunk."""
+    """What trains: the policy, and for an algorithm with a value head (PPO) a linear value head reading the
+    policy's final hidden state (the output of its last norm), taken from the policy's own forward."""
 
     def __init__(self, policy: nn.Module, value_head: nn.Module | None = None):
         super().__init__()
@@ -159,18 +110,13 @@ class PolicyWithValue(nn.Module):
         """-> (action logits (batch, seq, A) float32, values (batch, seq) float32 or None)."""
         if self.value_head is None:
             return self.policy(input_ids, cos, sin, mask), None
-        p = self.policy
-        hidden = p.norm(p.run(p.embed_tokens(input_ids), cos, sin, mask))
-        return p.head(hidden).float(), self.value_head(hidden).squeeze(-1).float()
-
-
-def make_accelerator():
-    """An Accelerator that also joins a CPU process group: accelerate only uses gloo when told it is on CPU."""
-    from accelerate import Accelerator
-
-    device_module = getattr(torch, "accelerator", None)
-    has_device = device_module.is_available() if device_module is not None else torch.cuda.is_available()
-    return Accelerator(cpu=not has_device)
+        hidden = []
+        hook = self.policy.norm.register_forward_hook(lambda module, args, output: hidden.append(output))
+        try:
+            logits = self.policy(input_ids, cos, sin, mask)
+        finally:
+            hook.remove()
+        return logits, self.value_head(hidden[-1]).squeeze(-1).float()
 
 
 class RLTrainer:
@@ -184,7 +130,7 @@ class RLTrainer:
 
     def __init__(self, model, tokenizer, config: RLConfig, out_dir, rewards=None, prompts=None, env_factory=None,
                  base_model: str | None = None, accelerator=None):
-        self.config = c = config.resolved()
+        self.config = c = config.resolved()  # checked, with the algorithm's defaults filled in
         if (rewards is None) == (env_factory is None):
             raise ValueError("give either rewards (with prompts) or an environment, not both or neither")
         if rewards is not None and not prompts:
@@ -201,8 +147,9 @@ class RLTrainer:
         self.reference = copy.deepcopy(model.policy).requires_grad_(False).eval()
         self.frozen = fingerprint(model, skip_prefix="policy.")
         self.reference_print = fingerprint(self.reference)
+        self.algorithm = alg.get(c.algo)(c)
         value_head = None
-        if c.algo == "ppo":
+        if self.algorithm.value_head:
             value_head = nn.Linear(model.config.hidden_size, 1).to(self.acc.device)
             nn.init.zeros_(value_head.weight)
             nn.init.zeros_(value_head.bias)
@@ -212,12 +159,17 @@ class RLTrainer:
         trainable = PolicyWithValue(model.policy, value_head)
         optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=c.lr, weight_decay=0.0)
         self.module, self.optimizer = self.acc.prepare(trainable, optimizer)
-        self.step_count, self.ema = 0, None
+        self.step_count = 0
+        # reward_scale: rewards are divided by it (a power of two, 1 unless some reward exceeded 2**32; it only
+        # grows). updates: optimizer updates applied in the whole run. bad_streak: steps in a row with a
+        # non-finite update. saved_step: the step of the model written at the top of OUT.
+        self.reward_scale, self.updates, self.bad_streak, self.saved_step = 1.0, 0, 0, None
+        self.last_bad = None  # (loss, gradient norm) of the last skipped update
         rank = self.acc.process_index
         torch.manual_seed(c.seed * 7919 + rank)
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.seed * 7919 + rank)
         self.prompt_rng = torch.Generator().manual_seed(c.seed * 104729 + rank)
-        self.writer = None
+        self.engine, self.log = None, None
 
     # ----- one step -----------------------------------------------------------------------------------
     def collect(self) -> tuple[Rollout, dict]:
@@ -229,7 +181,7 @@ class RLTrainer:
             group = [i for i in range(c.batch_size) for _ in range(c.group_size)]
             rollout = play_episodes(self.model, self.tokenizer, envs, group=group, max_turns=c.max_turns,
                                     max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                                    top_p=c.top_p, generator=self.generator)
+                                    top_p=c.top_p, generator=self.generator, timeout=c.reward_timeout)
             return rollout, {}
         rows = [self.prompts[i] for i in torch.randint(len(self.prompts), (c.batch_size,), generator=self.prompt_rng)]
         rollout = sample_completions(
@@ -244,40 +196,54 @@ class RLTrainer:
         rollout.drop(valid)
         return rollout, means
 
+    def scale_rewards(self, r: Rollout) -> None:
+        """Divide the rollout's float64 rewards by the run's reward scale, as float32.
+
+        The scale is the same on every process and only grows. GRPO and PPO's whitened advantages do not
+        depend on it; REINFORCE's advantages and PPO's value targets are in its units. When it grows, PPO's
+        value head is divided by the same factor so that its predictions keep their meaning.
+        """
+        biggest = r.rewards.abs().max() if r.rewards.numel() else r.rewards.new_zeros(())
+        if self.acc.num_processes > 1:
+            biggest = self.acc.gather(biggest[None]).max()
+        scale = max(self.reward_scale, alg.reward_scale(float(biggest)))
+        if scale > self.reward_scale:
+            head = self.acc.unwrap_model(self.module).value_head
+            if head is not None:
+                with torch.no_grad():
+                    head.weight.div_(scale / self.reward_scale)
+                    head.bias.div_(scale / self.reward_scale)
+            self.reward_scale = scale
+        r.rewards = (r.rewards / self.reward_scale).float()
+
     def advantages(self, r: Rollout, values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (advantages (batch, seq), value targets (batch, seq) for PPO else None)."""
-        c = self.config
-        if c.algo == "grpo":
-            return alg.grpo_advantages(r.rewards, r.step_mask, r.action_mask, r.group), None
-        if c.algo == "ppo":
-            adv, returns = alg.gae(r.rewards, values, r.action_mask, c.gamma, c.lam)
-            return alg.whiten(adv, r.action_mask), returns
-        returns = alg.sequence_returns(r.rewards)
-        if c.baseline == "loo":
-            baseline = alg.leave_one_out_baseline(returns, r.group, r.action_mask.any(-1))
-        else:
-            baseline = torch.full_like(returns, 0.0 if self.ema is None else self.ema)
-            kept = r.action_mask.any(-1)
-            batch_mean = self.acc.reduce(returns[kept].mean() if kept.any() else returns.new_zeros(()), "mean")
-            mean = float(batch_mean)
-            self.ema = mean if self.ema is None else c.ema_decay * self.ema + (1 - c.ema_decay) * mean
-        return alg.reinforce_advantages(r.rewards, r.action_mask, baseline), None
+        """-> (advantages (batch, seq), value targets (batch, seq) or None): the algorithm's."""
+        def mean_over_processes(x: torch.Tensor) -> float:
+            return float(self.acc.reduce(x, "mean"))
+        return self.algorithm.advantages(r, values, self.reward_scale, mean_over_processes)
 
     def step(self) -> dict:
         """One rollout and its policy update -> the metrics of the step (gathered over processes)."""
         c, t0 = self.config, time.perf_counter()
         rollout, reward_means = self.collect()
+        self.scale_rewards(rollout)
         seq, mask = rollout.sequences, rollout.attention_mask
-        cos, sin, attn = self.model.positions_and_mask(mask, *seq.shape, seq.device, self.model._dtype())
+        cos, sin, attn = self.model.positions_and_mask(mask, *seq.shape, seq.device,
+                                                       self.model.world_model.embed_tokens.weight.dtype)
         with torch.no_grad():
             old_logits, old_values = self.acc.unwrap_model(self.module)(seq, cos, sin, attn)
             ref_logits = self.reference(seq, cos, sin, attn)
             old_logp = alg.action_log_probs(old_logits, rollout.actions)
             start_kl, start_entropy = alg.kl_and_entropy(old_logits, ref_logits, rollout.action_mask)
-        advantages, returns = self.advantages(rollout, old_values)
-        losses, clip_fracs, value_losses = [], [], []
+        losses, clip_fracs, value_losses, bad = [], [], [], []
+        usable = float(self.acc.reduce(rollout.action_mask.any(-1).sum().float(), "sum"))
+        # With no usable sample (every reward skipped) there is nothing to learn from: no update at all, not
+        # even AdamW's momentum step.
+        epochs = c.epochs if usable > 0 else 0
+        if epochs:
+            advantages, returns = self.advantages(rollout, old_values)
         n, per = len(rollout), len(rollout) // c.minibatches
-        for _ in range(c.epochs):
+        for _ in range(epochs):
             order = torch.arange(n)
             if c.minibatches > 1:
                 order = torch.randperm(n, generator=self.prompt_rng)
@@ -287,44 +253,78 @@ class RLTrainer:
                 logits, values = self.module(seq[rows], cos[rows], sin[rows], None if attn is None else attn[rows])
                 m = rollout.action_mask[rows]
                 logp = alg.action_log_probs(logits, rollout.actions[rows])
-                if c.algo == "reinforce":
-                    pg, clip_frac = alg.reinforce_loss(logp, advantages[rows], m), logp.new_zeros(())
-                else:
-                    pg, clip_frac = alg.clipped_loss(logp, old_logp[rows], advantages[rows], m, c.clip)
+                pg, clip_frac = self.algorithm.loss(logp, old_logp[rows], advantages[rows], m)
                 kl, ent = alg.kl_and_entropy(logits, ref_logits[rows], m)
                 loss = pg + c.kl_coef * kl - c.entropy_coef * ent
                 if values is not None:
-                    v_loss = alg.value_loss(values, returns[rows], m)
+                    v_loss = self.algorithm.value_loss(values, returns[rows], m)
                     loss = loss + c.vf_coef * v_loss
-                    value_losses.append(v_loss.detach())
                 self.acc.backward(loss)
-                if c.max_grad_norm > 0:
-                    self.acc.clip_grad_norm_(self.module.parameters(), c.max_grad_norm)
+                params = [p for p in self.module.parameters() if p.requires_grad]
+                grad_norm = clip_gradients(self.acc, params, c.max_grad_norm)
+                if not all_finite(self.acc, loss, grad_norm):
+                    # Skipped: the policy and the optimizer state stay exactly as they were.
+                    self.optimizer.zero_grad(set_to_none=True)
+                    bad.append((float(loss.detach()), float(grad_norm)))
+                    continue
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.updates += 1
+                self._check_policy_finite()
                 losses.append(loss.detach())
                 clip_fracs.append(clip_frac)
+                if values is not None:
+                    value_losses.append(v_loss.detach())
         self.step_count += 1
-        return self._metrics(rollout, reward_means, start_kl, start_entropy, losses, clip_fracs, value_losses,
-                             time.perf_counter() - t0)
+        if bad:
+            self.bad_streak += 1
+            self.last_bad = bad[-1]
+            if self.acc.is_main_process:
+                tqdm.write(f"rl step {self.step_count}: {len(bad)} of {epochs * c.minibatches} updates skipped: "
+                           f"loss {bad[-1][0]:.4g}, gradient norm {bad[-1][1]:.4g} (not finite)")
+        elif losses:
+            self.bad_streak = 0
+        elif self.acc.is_main_process:
+            tqdm.write(f"rl step {self.step_count}: no usable sample (every reward was skipped); no update")
+        metrics = self._metrics(rollout, reward_means, start_kl, start_entropy, losses, clip_fracs, value_losses,
+                                time.perf_counter() - t0)
+        metrics.update(updates=len(losses), nonfinite_updates=len(bad))
+        if self.reward_scale != 1.0:
+            metrics["reward_scale"] = self.reward_scale
+        return metrics
+
+    def _check_policy_finite(self) -> None:
+        """RLStopped if an applied update left a NaN/inf weight (finite gradients make that all but
+        impossible); nothing more is written, so OUT keeps the last good model."""
+        broken = [n for n, p in self.acc.unwrap_model(self.module).named_parameters() if not torch.isfinite(p).all()]
+        if broken:
+            raise RLStopped(f"the update at step {self.step_count + 1} made the policy's weights non-finite "
+                            f"({', '.join(broken[:3])}); stopped. {self._what_out_holds()}")
+
+    def _what_out_holds(self) -> str:
+        if self.saved_step is None:
+            return "No model was written."
+        return f"{self.out} keeps the model of step {self.saved_step}."
 
     def _metrics(self, r: Rollout, reward_means, kl, ent, losses, clip_fracs, value_losses, seconds) -> dict:
         acc = self.acc
         kept = r.action_mask.any(-1)
-        returns = alg.sequence_returns(r.rewards)
+        # Statistics in the scaled units, then back to the rewards' own: the std of 1e308s must not overflow.
+        returns = alg.sequence_returns(r.rewards.double())
         all_returns = acc.gather(returns)[acc.gather(kept)]
+        scale = self.reward_scale
         used = torch.bincount(r.actions[r.action_mask], minlength=self.model.config.num_actions)
         counts = acc.reduce(used.float(), "sum")
         lengths = acc.gather(r.action_mask.sum(-1).float())
 
-        def mean(xs):
-            return float(acc.reduce(torch.stack(xs).float().mean(), "mean"))
+        def mean(xs):  # every process applied the same updates, so all reduce or none does
+            return float(acc.reduce(torch.stack(xs).float().mean(), "mean")) if xs else float("nan")
 
         skipped = int(acc.reduce(torch.tensor(float((~kept).sum()), device=acc.device), "sum"))
         m = {
             "step": self.step_count,
-            "reward": float(all_returns.mean()) if all_returns.numel() else float("nan"),
-            "reward_std": float(all_returns.std()) if all_returns.numel() > 1 else 0.0,
+            "reward": float(all_returns.mean()) * scale if all_returns.numel() else float("nan"),
+            "reward_std": float(all_returns.std()) * scale if all_returns.numel() > 1 else 0.0,
             "kl": float(acc.reduce(kl, "mean")),
             "entropy": float(acc.reduce(ent, "mean")),
             "clip_frac": mean(clip_fracs),
@@ -345,47 +345,65 @@ class RLTrainer:
         return m
 
     # ----- the loop ------------------------------------------------------------------------------------
-    def train(self, resume: bool = False) -> list[dict]:
-        """Run until ``config.steps``; -> the metrics of the steps run here. Writes OUT as it goes."""
+    def train(self, resume: bool = False, overwrite: bool = False) -> list[dict]:
+        """Run until ``config.steps``; -> the metrics of the steps run here. Writes OUT as it goes.
+
+        resume: continue the run in OUT from its newest intact checkpoint. overwrite: start again in an OUT
+        that holds a bwarea run (only what that run wrote is removed)."""
         c = self.config
+        self.engine = Engine("rl", self.out, c, self.acc, resume=resume, overwrite=overwrite,
+                             resumable=RESUMABLE_FIELDS, final_names=self.final_names())
         if resume:
-            self.resume()
-        elif self.acc.is_main_process and (self.out / METRICS).exists():
-            raise ValueError(f"{self.out} already holds a run ({METRICS}); pass --resume to continue it or choose "
-                             "another --out")
-        self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "rl_config.json").write_text(json.dumps(asdict(c), indent=2))
-            if c.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.out / "tb"))
-        history = []
-        bar = tqdm(total=c.steps, initial=self.step_count, desc=f"rl {c.algo}", disable=not self.acc.is_main_process)
-        while self.step_count < c.steps:
-            metrics = self.step()
-            history.append(metrics)
-            self._log(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.4f}")
-            if self.step_count % c.save_every == 0 or self.step_count == c.steps:
-                self.save_checkpoint()
-        bar.close()
+            candidates = self.engine.checkpoints()
+            if not candidates:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+            self.resume(candidates)
+        self.engine.start()
+        self.log = self.engine.metrics_log(self.step_count, c.tensorboard)
+        history, first = [], self.step_count + 1
+        bar = self.engine.progress(c.steps, self.step_count, f"rl {c.algo}")
+        try:
+            while self.step_count < c.steps:
+                metrics = self.step()
+                history.append(metrics)
+                self._log(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward']:.4g}", kl=f"{metrics['kl']:.4f}")
+                if self.bad_streak >= c.max_bad_steps:
+                    loss, grad_norm = self.last_bad
+                    raise RLStopped(
+                        f"the loss or gradient was not finite in {self.bad_streak} steps in a row (up to step "
+                        f"{self.step_count}; last: loss {loss:.4g}, gradient norm {grad_norm:.4g}); those updates were "
+                        f"skipped and the run stopped (--max-bad-steps {c.max_bad_steps}). {self._what_out_holds()} "
+                        "Check the rewards and --lr, --kl-coef, --entropy-coef, --vf-coef")
+                if self.step_count % c.save_every == 0 or self.step_count == c.steps:
+                    self.save_checkpoint()
+            if self.updates == 0:
+                empty = sum(1 for m in history if not m["updates"] and not m["nonfinite_updates"])
+                why = [f"{empty} had no usable sample ({self.rewards.skipped if self.rewards else 0} samples with bad "
+                       "rewards skipped)" if empty else "", f"{len(history) - empty} only non-finite updates"
+                       if len(history) > empty else ""]
+                raise RLStopped(
+                    f"no update was made in steps {first}..{self.step_count}: {', '.join(w for w in why if w)}; no "
+                    "model was written. Fix the reward (without --skip-bad-rewards the first bad value stops the run "
+                    "and is named)")
+        finally:
+            bar.close()
+            self.log.close()
         self.check_frozen()
         self.check_replicas_agree()
-        if self.writer is not None:
-            self.writer.close()
         return history
 
     def _log(self, metrics: dict) -> None:
-        if not self.acc.is_main_process:
-            return
-        with open(self.out / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, metrics["step"])
+        # Strict JSON: a value that is not defined (the reward of a step without usable samples, the loss of a
+        # step without updates) or not finite is written as null, never as the NaN/Infinity JSON lacks.
+        self.log.write(metrics["step"], None, metrics)
+
+    def final_names(self) -> set[str]:
+        """The files OUT receives with the model: the model's and those the tokenizer saves."""
+        with tempfile.TemporaryDirectory() as folder:
+            self.tokenizer.save_pretrained(folder)
+            return MODEL_FILES | set(p.name for p in Path(folder).iterdir())
 
     def check_frozen(self) -> None:
         """RuntimeError naming any parameter outside the policy (or of the reference) that changed."""
@@ -408,70 +426,73 @@ class RLTrainer:
                                "gradients were not synchronised")
 
     # ----- checkpoints -------------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """checkpoints/step-N/ (policy, value head, optimizer, RNG per process, state), renamed into place
-        whole; then the full model and tokenizer at the top of OUT. Older checkpoints beyond the kept are pruned."""
+    def save_checkpoint(self) -> Path | None:
+        """checkpoints/step-N/ (policy, value head, optimizer, RNG per process, state) through the engine; then
+        the full model and tokenizer at the top of OUT. Before the run's first update there is nothing to save:
+        nothing is written and None is returned."""
+        if self.updates == 0:
+            return None
+        if self.engine is None:
+            raise RuntimeError("save_checkpoint writes into the run folder that train() sets up: call train()")
         self.check_frozen()
         acc, c = self.acc, self.config
-        root = self.out / "checkpoints"
-        final, tmp = root / f"step-{self.step_count:06d}", root / f".step-{self.step_count:06d}.tmp"
+
+        def write(folder: Path) -> None:
+            torch.save({"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
+                        "prompts": self.prompt_rng.get_state()}, folder / f"rng-{acc.process_index}.pt")
+            if acc.is_main_process:
+                trainable = acc.unwrap_model(self.module)
+                weights = {k: v.detach().cpu().contiguous() for k, v in trainable.state_dict().items()}
+                save_file(weights, folder / "trainable.safetensors")
+                torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+                state = {"step": self.step_count, **self.algorithm.state(), "algo": c.algo,
+                         "base_model": self.base_model, "reward_scale": self.reward_scale, "updates": self.updates,
+                         "bad_streak": self.bad_streak, "reference": self.reference_hash(),
+                         "num_processes": acc.num_processes}
+                (folder / "state.json").write_text(json.dumps(state, indent=2, allow_nan=False))
+
+        final = self.engine.save_checkpoint(self.step_count, c.keep_checkpoints, write)
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        torch.save({"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
-                    "prompts": self.prompt_rng.get_state()}, tmp / f"rng-{acc.process_index}.pt")
-        if acc.is_main_process:
-            trainable = acc.unwrap_model(self.module)
-            weights = {k: v.detach().cpu().contiguous() for k, v in trainable.state_dict().items()}
-            save_file(weights, tmp / "trainable.safetensors")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            state = {"step": self.step_count, "ema": self.ema, "algo": c.algo, "base_model": self.base_model,
-                     "reference": hashlib.sha256(json.dumps(self.reference_print, sort_keys=True).encode()).hexdigest(),
-                     "num_processes": acc.num_processes}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            self.model.save_pretrained(self.out)
-            self.tokenizer.save_pretrained(str(self.out))
-            for old in sorted(root.glob("step-*"))[:-c.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.engine.publish(lambda folder: (self.model.save_pretrained(folder),
+                                                self.tokenizer.save_pretrained(str(folder))))
+        self.saved_step = self.step_count
         acc.wait_for_everyone()
         return final
 
-    def resume(self) -> None:
-        """Load the latest complete checkpoint in OUT: policy, value head, optimizer, RNG, step; metrics after
-        it are dropped (they will be written again)."""
+    def reference_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.reference_print, sort_keys=True).encode()).hexdigest()
+
+    def resume(self, candidates: list[Path]) -> None:
+        """Load the newest intact checkpoint of ``candidates``: policy, value head, optimizer, RNG, step.
+        Metrics after it are dropped when the log opens (they will be written again)."""
         acc = self.acc
-        done = sorted((self.out / "checkpoints").glob("step-*"))
-        if not done:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
-        ckpt = done[-1]
-        state = json.loads((ckpt / "state.json").read_text())
-        if state["algo"] != self.config.algo:
-            raise ValueError(f"--resume: {ckpt} was trained with {state['algo']}, not {self.config.algo}")
-        reference = hashlib.sha256(json.dumps(self.reference_print, sort_keys=True).encode()).hexdigest()
-        if state["reference"] != reference:
-            raise ValueError(f"--resume: the model given is not the one the run started from "
-                             f"({state.get('base_model') or 'the shipped default model'}); resume from the same "
-                             "--model")
-        if state["num_processes"] != acc.num_processes:
-            raise ValueError(f"--resume: the run used {state['num_processes']} processes, this one "
-                             f"{acc.num_processes}; resume with the same number")
-        acc.unwrap_model(self.module).load_state_dict(load_file(ckpt / "trainable.safetensors"))
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device, weights_only=True))
-        rng = torch.load(ckpt / f"rng-{acc.process_index}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        self.generator.set_state(rng["generator"])
-        self.prompt_rng.set_state(rng["prompts"])
-        self.step_count, self.ema = state["step"], state["ema"]
+
+        def load(ckpt: Path) -> None:
+            state = json.loads((ckpt / "state.json").read_text())
+            if state["algo"] != self.config.algo:
+                raise ResumeRefused(f"--resume: {ckpt} was trained with {state['algo']}, not {self.config.algo}")
+            if state["reference"] != self.reference_hash():
+                raise ResumeRefused(f"--resume: the model given is not the one the run started from "
+                                    f"({state.get('base_model') or 'the shipped default model'}); resume from the "
+                                    "same --model")
+            if state["num_processes"] != acc.num_processes:
+                raise ResumeRefused(f"--resume: the run used {state['num_processes']} processes, this one "
+                                    f"{acc.num_processes}; resume with the same number")
+            acc.unwrap_model(self.module).load_state_dict(load_file(ckpt / "trainable.safetensors"))
+            self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=acc.device,
+                                                      weights_only=True))
+            rng = torch.load(ckpt / f"rng-{acc.process_index}.pt", weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["generator"])
+            self.prompt_rng.set_state(rng["prompts"])
+            self.step_count = state["step"]
+            self.algorithm.load_state(state)
+            self.reward_scale, self.updates = state["reward_scale"], state["updates"]
+            self.bad_streak, self.saved_step = state["bad_streak"], state["step"]
+
+        self.engine.resume(candidates, load)
         acc.wait_for_everyone()
-        if acc.is_main_process and (self.out / METRICS).exists():
-            lines = (self.out / METRICS).read_text().splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step_count]
-            (self.out / METRICS).write_text("".join(line + "\n" for line in kept))
 
 
-__all__ = ["RLConfig", "RLTrainer", "PolicyWithValue", "load_prompts", "default_prompts", "fingerprint", "METRICS"]
+__all__ = ["RLConfig", "RLTrainer", "RLStopped", "strict_json", "PolicyWithValue", "load_prompts", "default_prompts",
+           "fingerprint", "make_accelerator", "METRICS"]

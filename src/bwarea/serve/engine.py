@@ -3,9 +3,9 @@
 Why one thread: a model on one device runs one forward at a time anyway, and the model keeps per-call state
 (``get_action_info``). So the event loop never runs the model; it puts a job on the queue and awaits events on
 the job's own asyncio queue. The worker takes a job and, while the next waiting jobs sample the same way,
-takes those too (up to ``max_batch`` rows) and generates them as one left-padded batch. Events are handed to
-the event loop with ``call_soon_threadsafe`` onto unbounded per-request queues, so a client that reads slowly
-only delays itself.
+takes those too (up to ``max_batch`` rows, and only while the padded batch still fits the model's context) and
+generates them as one left-padded batch. Events are handed to the event loop with ``call_soon_threadsafe`` onto
+unbounded per-request queues, so a client that reads slowly only delays itself.
 """
 
 from __future__ import annotations
@@ -17,20 +17,24 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+from transformers import LogitsProcessorList
 
-from .views import TextStream
+from ..sampling_processors import FrequencyPresencePenalty, LogitBias
+from .views import TextStream, token_pieces
 
 
 @dataclass
 class Limits:
-    """What one request may ask for, and how much waits. Exceeding a request limit is a 400; a full queue, a 503."""
+    """What one request may ask for, and how much waits. Exceeding a request limit is a 400 (413 for the body
+    size); a full queue, a 503."""
 
     max_tokens: int = 256              # new tokens per completion
     max_prompt_tokens: int | None = None  # None: the model's context minus one new token
     max_n: int = 8                     # completions per prompt
-    max_batch: int = 8                 # rows (prompts x n) generated together
+    max_batch: int = 8                 # rows (prompts x best_of or n) generated together
     queue_size: int = 64               # requests waiting for the worker
     max_top_k: int = 20                # tokens listed per action by /v1/fanout, and logprobs alternatives
+    max_body_bytes: int = 1 << 20      # request body size; larger bodies get 413 before they are parsed
 
 
 class Overloaded(Exception):
@@ -42,30 +46,42 @@ class Completion:
     """One validated completion request: token-id prompts and how to sample them."""
 
     prompts: list[list[int]]
-    max_tokens: int = 16
+    max_tokens: int = 16               # 0: score the prompt only (with echo)
     n: int = 1
+    best_of: int | None = None         # samples per prompt, of which the n with the best mean logprob are kept
     stop: list[str] = field(default_factory=list)
     temperature: float = 1.0           # 0: argmax tokens
     top_p: float = 1.0
     top_k: int | None = None
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     seed: int | None = None
     actions: int | list[int] | None = None
     allowed_actions: list[int] | None = None
     action_greedy: bool = False
     action_temperature: float = 1.0
     logprobs: int | None = None        # alternatives per token; None: no logprobs
+    echo: bool = False                 # the prompt comes back with the text (and its logprobs)
     stream: bool = False
 
     @property
+    def samples(self) -> int:
+        return self.best_of or self.n
+
+    @property
     def rows(self) -> int:
-        return len(self.prompts) * self.n
+        return len(self.prompts) * self.samples
 
     def batch_key(self):
-        """Requests with equal keys can share a batch; a seeded request runs alone so its samples are its own."""
-        if self.seed is not None:
+        """Requests with equal keys can share a batch. A seeded request that samples runs alone so its samples are
+        its own; scoring (max_tokens 0) generates nothing, so any scoring requests can go together."""
+        if self.max_tokens == 0:
+            return ("score",)
+        if self.seed is not None and (self.temperature > 0 or not self.action_greedy):
             return None
-        return (self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.action_greedy,
+        return ("generate", self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.action_greedy,
                 self.action_temperature)
 
 
@@ -106,6 +122,8 @@ class _Row:
     token_ids: list[int] = field(default_factory=list)
     actions: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
+    action_logprobs: list[float] = field(default_factory=list)
+    scores: tuple | None = None  # (token logprobs, top alternatives) of prompt + new tokens, position 0 None
     finish: str | None = None
 
 
@@ -174,6 +192,7 @@ class Engine:
             return None
 
     def _work(self) -> None:
+        context = self.model.config.max_position_embeddings
         while not self._closing.is_set():
             job = self._next()
             if job is None or job.ticket.cancelled:
@@ -182,19 +201,25 @@ class Engine:
                 self._run_call(job)
                 continue
             batch, rows, key = [job], job.request.rows, job.request.batch_key()
+            width, steps = max(len(p) for p in job.request.prompts), job.request.max_tokens
             while key is not None and rows < self.limits.max_batch:
                 try:
                     other = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                # Left padding makes every row as long as the longest prompt, and every row runs for the batch's
+                # most steps: a request valid alone joins only a batch whose padded length still fits.
+                other_width = max(len(p) for p in other.request.prompts) if other.fn is None else 0
                 fits = (other.fn is None and other.request.batch_key() == key
-                        and rows + other.request.rows <= self.limits.max_batch)
+                        and rows + other.request.rows <= self.limits.max_batch
+                        and max(width, other_width) + max(steps, other.request.max_tokens) <= context)
                 if not fits:
                     self._pending.append(other)  # first in line for the next batch
                     break
                 if not other.ticket.cancelled:
                     batch.append(other)
                     rows += other.request.rows
+                    width, steps = max(width, other_width), max(steps, other.request.max_tokens)
             self._run_batch(batch)
 
     def _run_call(self, job: _Job) -> None:
@@ -207,17 +232,22 @@ class Engine:
             job.ticket.send("result", result)
 
     def _run_batch(self, batch: list[_Job]) -> None:
-        rows = [_Row(job, p * job.request.n + j, prompt, job.request.max_tokens,
+        rows = [_Row(job, p * job.request.samples + j, prompt, job.request.max_tokens,
                      TextStream(self.tokenizer, prompt, job.request.stop))
-                for job in batch for p, prompt in enumerate(job.request.prompts) for j in range(job.request.n)]
+                for job in batch for p, prompt in enumerate(job.request.prompts) for j in range(job.request.samples)]
+        generating = [r for r in rows if r.max_tokens > 0]
         self.stats["batches"] += 1
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
         try:
             with self.lock, torch.inference_mode():
-                out = self._generate(batch[0].request, rows)
-                action_logprobs = out.action_logprobs.tolist()
-                wanted = [r for r in rows if r.job.request.logprobs is not None and r.token_ids]
-                token_logprobs = self._token_logprobs(wanted) if wanted else {}
+                if generating:
+                    out = self._generate(batch[0].request, generating)
+                    for r, logprobs in zip(generating, out.action_logprobs.tolist()):
+                        r.action_logprobs = logprobs[:len(r.token_ids)]
+                for r in rows:
+                    request = r.job.request
+                    if (request.logprobs is not None or request.samples > request.n) and not r.job.ticket.cancelled:
+                        r.scores = self._scores(r, request.logprobs or 0)
         except Exception as err:
             for job in batch:
                 job.ticket.send("error", err)
@@ -225,22 +255,42 @@ class Engine:
         finally:
             self.model.reset_action_info()  # the worker lives long: don't let the action record grow
         for job in batch:
-            choices = []
-            for i, row in enumerate(rows):
-                if row.job is not job:
-                    continue
-                tail = row.stream.flush()
-                if row.finish is None:
-                    row.finish = "length"
-                    if tail and job.request.stream:
-                        job.ticket.send("token", (row.index, tail, None, None, ""))
-                count = len(row.token_ids)
-                choices.append({
-                    "index": row.index, "text": row.stream.text, "finish_reason": row.finish,
-                    "token_ids": row.token_ids, "tokens": row.pieces, "actions": row.actions,
-                    "action_logprobs": action_logprobs[i][:count], "prompt_tokens": len(row.prompt),
-                    "logprobs": token_logprobs.get(id(row))})
-            job.ticket.send("done", sorted(choices, key=lambda c: c["index"]))
+            job.ticket.send("done", self._choices(job, [r for r in rows if r.job is job]))
+
+    def _choices(self, job: _Job, rows: list[_Row]) -> list[dict]:
+        """Finished rows of one job -> its choices: the best ``n`` of each prompt's samples, in index order."""
+        request = job.request
+        for row in rows:
+            tail = row.stream.flush()
+            if row.finish is None:
+                row.finish = "length"
+                if tail and request.stream:
+                    job.ticket.send("token", (row.index, tail, None, None, ""))
+        kept = []
+        for p in range(len(request.prompts)):
+            samples = rows[p * request.samples:(p + 1) * request.samples]
+            if request.samples > request.n:  # best_of: rank by mean logprob of the new tokens
+                samples = sorted(samples, key=lambda r: -_mean(r.scores[0][len(r.prompt):]) if r.scores else 0.0)
+            kept += [(p * request.n + k, r) for k, r in enumerate(samples[:request.n])]
+        return [self._choice(index, row, request) for index, row in kept]
+
+    def _choice(self, index: int, row: _Row, request: Completion) -> dict:
+        text, pieces, start = row.stream.text, list(row.pieces), len(row.prompt)
+        if request.echo:
+            prompt_pieces = token_pieces(self.tokenizer, row.prompt)
+            text, pieces, start = "".join(prompt_pieces) + text, prompt_pieces + pieces, 0
+        logprobs = None
+        if request.logprobs is not None and row.scores is not None:
+            chosen, top = (s[start:] for s in row.scores)
+            offsets, pos = [], 0
+            for piece in pieces:
+                offsets.append(pos)
+                pos += len(piece)
+            logprobs = {"tokens": pieces, "token_logprobs": chosen,
+                        "top_logprobs": top if request.logprobs else None, "text_offset": offsets}
+        return {"index": index, "text": text, "finish_reason": row.finish, "token_ids": row.token_ids,
+                "tokens": row.pieces, "actions": row.actions, "action_logprobs": row.action_logprobs,
+                "prompt_tokens": len(row.prompt), "logprobs": logprobs}
 
     def _generate(self, request: Completion, rows: list[_Row]):
         """Generate every row in one left-padded batch; rows stop on EOS, a stop string or their max_tokens."""
@@ -284,13 +334,28 @@ class Engine:
                     r.job.ticket.send("token", (r.index, shown, token, action, piece))
             return all(r.finish is not None for r in rows)
 
+        extra = {}
+        processors = self._processors(rows, width)
+        if processors:
+            extra["logits_processor"] = processors
         return model.generate(
             ids.to(device), mask.to(device), max_new_tokens=steps, do_sample=request.temperature > 0,
             temperature=request.temperature if request.temperature > 0 else 1.0, top_p=request.top_p,
             top_k=request.top_k, repetition_penalty=request.repetition_penalty, pad_token_id=pad,
             actions=self._action_schedule(rows, steps), allowed_actions=self._allowed_mask(rows),
             action_greedy=request.action_greedy, action_temperature=request.action_temperature,
-            step_callback=on_step, generator=generator, return_dict_in_generate=True)
+            step_callback=on_step, generator=generator, return_dict_in_generate=True, **extra)
+
+    def _processors(self, rows: list[_Row], width: int) -> LogitsProcessorList | None:
+        """Per-row token-logit adjustments (OpenAI penalties, logit_bias); None when no row asks for one."""
+        processors = LogitsProcessorList()
+        requests = [r.job.request for r in rows]
+        if any(q.frequency_penalty or q.presence_penalty for q in requests):
+            processors.append(FrequencyPresencePenalty(width, [q.frequency_penalty for q in requests],
+                                                       [q.presence_penalty for q in requests]))
+        if any(q.logit_bias for q in requests):
+            processors.append(LogitBias([q.logit_bias or {} for q in requests], self.model.config.vocab_size))
+        return processors or None
 
     def _action_schedule(self, rows: list[_Row], steps: int) -> torch.Tensor | None:
         """(B, steps) actions, -1 where the policy chooses; None when every row leaves it to the policy."""
@@ -316,46 +381,31 @@ class Engine:
                 mask[b, r.job.request.allowed_actions] = True
         return mask.to(self.model.device)
 
-    def _token_logprobs(self, rows: list[_Row]) -> dict[int, dict]:
-        """OpenAI ``logprobs`` for finished rows: log p_world(token | text before it, its action), at temperature 1.
+    def _scores(self, row: _Row, k: int) -> tuple[list, list]:
+        """Log-probs of a finished row's prompt and new tokens under BWArea as a language model.
 
-        One batched world-model pass over prompt + generated tokens, with the inverse-dynamics actions on the
-        prompt and each generated token's own action, which is exactly what the tokens were sampled from.
+        -> (token logprobs, top-k alternatives), one entry per token of prompt + new tokens; the first token has
+        None (nothing predicts it). Every entry is the mixture over actions, sum_a pi(a | x_<=t) p_world(x_t+1 |
+        x_<=t, a), with the context understood by the inverse dynamics: the same numbers for a prompt token and a
+        generated one, whichever action produced it. One row at a time, so no row's numbers depend on another.
         """
-        model, pad = self.model, self.tokenizer.pad_token_id
-        seqs = [r.prompt + r.token_ids for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, s in enumerate(seqs):
-            ids[b, width - len(s):], mask[b, width - len(s):] = torch.tensor(s), 1
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        inverse, _, _ = model.infer_actions(ids, mask)
-        actions = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            start, t = width - len(seqs[b]), len(r.prompt)
-            actions[b, start:start + t - 1] = inverse[b, start:start + t - 1]
-            actions[b, start + t - 1:start + t - 1 + len(r.actions)] = torch.tensor(r.actions)
-        logp = torch.log_softmax(model(ids, mask, action_idx=actions).logits.float(), dim=-1)
-        out = {}
-        for b, r in enumerate(rows):
-            start, t, g = width - len(seqs[b]), len(r.prompt), len(r.token_ids)
-            lp = logp[b, start + t - 1:start + t - 1 + g]                            # (g, V)
-            chosen = lp.gather(-1, torch.tensor(r.token_ids, device=lp.device)[:, None])[:, 0].tolist()
-            k = r.job.request.logprobs
-            top = []
-            if k:
-                values, indices = lp.topk(k, dim=-1)
-                for j in range(g):
-                    context, alternatives = r.prompt + r.token_ids[:j], {}
-                    for v, i in zip(values[j].tolist(), indices[j].tolist()):
-                        # Tokens that write the same text share a key (the OpenAI format); keep the likeliest.
-                        alternatives.setdefault(TextStream(self.tokenizer, context).piece(i), v)
-                    top.append(alternatives)
-            offsets, pos = [], 0
-            for piece in r.pieces:
-                offsets.append(pos)
-                pos += len(piece)
-            out[id(r)] = {"tokens": r.pieces, "token_logprobs": chosen, "top_logprobs": top or None,
-                          "text_offset": offsets}
-        return out
+        seq = row.prompt + row.token_ids
+        ids = torch.tensor([seq], device=self.model.device)
+        logp = self.model.lm_logprobs(ids)[0, :-1].float()                      # (T-1, V): token t+1 given <= t
+        targets = ids[0, 1:]
+        chosen = [None] + logp.gather(-1, targets[:, None])[:, 0].tolist()
+        top = [None]
+        if k:
+            values, indices = logp.topk(k, dim=-1)
+            for j, (vs, ix) in enumerate(zip(values.tolist(), indices.tolist())):
+                alternatives = {}
+                for v, i in zip(vs, ix):
+                    # Tokens that write the same text share a key (the OpenAI format); keep the likeliest.
+                    alternatives.setdefault(TextStream(self.tokenizer, seq[max(0, j - 3):j + 1]).piece(i), v)
+                top.append(alternatives)
+        return chosen, top
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else float("-inf")
+

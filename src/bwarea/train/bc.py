@@ -11,7 +11,6 @@ perplexity of the whole model (``lm_log_likelihood``) is measured too, since tha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,55 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import BWAreaForCausalLM, Policy
-from .loop import Stage, TrainConfig, copy_tokenizer, save_state_dict
-from .pretrain import squared_distances, usage_metrics
-
-
-@dataclass
-class BCConfig(TrainConfig):
-    """Stage-2 settings. ``model`` is the stage-1 folder; the tokenizer defaults to the one stored there.
-
-    policy_init: "world" copies the world model's embedding, first blocks and final norm into the policy
-    (a trained language model is a better start than noise); "keep" trains the policy as stage 1 left it.
-    policy_layers: rebuild the policy with this many blocks (None: keep the model's).
-    targets: what the policy imitates at each position t:
-      "inverse"    the inverse-dynamics action (cross-entropy; the paper's behaviour cloning);
-      "soft"       softmax(-||z_t - e_a||^2 / soft_temperature) over the codebook distances of the latent;
-      "posterior"  the world model's posterior over actions given the true next token,
-                   q(a) ∝ pi(a | x_<=t) p_world(x_t+1 | x_<=t, a). Its loss is exactly the LM negative
-                   log-likelihood -log sum_a pi(a) p_world(x_t+1 | a), so it optimises lm_ppl itself
-                   (at num_actions world-model upper halves per position: slower steps).
-    """
-
-    model: str = ""
-    policy_init: str = "world"
-    policy_layers: int | None = None
-    targets: str = "inverse"
-    soft_temperature: float = 1.0
-    eval_lm: bool = True
-    # The shape comes from --model; shape settings given anyway must agree with it (a guard for scripts).
-    hidden_size: int | None = None
-    layers: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    intermediate_size: int | None = None
-
-    def check(self) -> None:
-        if not self.tokenizer and self.model:
-            self.tokenizer = self.model
-        super().check()
-        if not self.model:
-            raise ValueError("bc needs --model: the stage-1 (pretrain) output folder")
-        if Path(self.model).resolve() == Path(self.out).resolve():
-            raise ValueError("bc --out must be a new folder, not the stage-1 --model folder it reads")
-        if self.policy_init not in ("world", "keep"):
-            raise ValueError(f"policy_init must be 'world' or 'keep', got {self.policy_init!r}")
-        if self.targets not in ("inverse", "soft", "posterior"):
-            raise ValueError(f"targets must be inverse, soft or posterior, got {self.targets!r}")
-        if self.soft_temperature <= 0:
-            raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
-        if self.policy_layers is not None and self.policy_layers < 1:
-            raise ValueError(f"policy_layers must be >= 1, got {self.policy_layers}")
+from .loop import Stage, copy_tokenizer, save_state_dict
+from .settings import BCConfig
+from .vq import squared_distances, usage_metrics
 
 
 class PolicyCloning(nn.Module):
@@ -148,6 +101,7 @@ def init_policy_from_world(model: BWAreaForCausalLM) -> int:
 
 class BCStage(Stage):
     name = "bc"
+    shown = ("bc_ce", "bc_accuracy", "lm_ppl")
 
     def build(self, config: BCConfig, tokenizer) -> nn.Module:
         model = BWAreaForCausalLM.from_pretrained(config.model, dtype=torch.float32)

@@ -12,7 +12,6 @@ optional bonus for spreading the (soft) usage. Codes used and usage perplexity a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,41 +20,9 @@ from torch import nn
 
 from ..config import BWAreaConfig
 from ..model import BWAreaForCausalLM
-from .loop import Stage, TrainConfig, copy_tokenizer, save_state_dict
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    """Stage-1 settings: the model shape (world-model layers = ``layers``) and the codebook remedies."""
-
-    hidden_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int | None = None
-    intermediate_size: int | None = None
-    inverse_layers: int | None = None
-    policy_layers: int | None = None
-    action_layer: int | None = None
-    num_actions: int = 64
-    codebook_dim: int = 32
-    max_positions: int | None = None
-    codebook: str = "vq"
-    commitment: float = 0.25
-    ema_decay: float = 0.99
-    kmeans_init: bool = True
-    kmeans_batches: int = 4
-    dead_code_every: int = 50
-    dead_code_threshold: float = 0.03
-    entropy_bonus: float = 0.0
-
-    def check(self) -> None:
-        super().check()
-        if self.codebook not in ("vq", "ema"):
-            raise ValueError(f"codebook must be 'vq' (codebook + commitment losses) or 'ema', got {self.codebook!r}")
-        if self.max_positions is not None and self.block_size > self.max_positions:
-            raise ValueError(f"block size {self.block_size} exceeds max positions {self.max_positions}")
-        if not 0 < self.ema_decay < 1 or self.commitment < 0 or self.entropy_bonus < 0:
-            raise ValueError("ema_decay must lie in (0, 1); commitment and entropy_bonus must be >= 0")
+from .loop import Stage, copy_tokenizer, save_state_dict
+from .settings import PretrainConfig
+from .vq import kmeans, soft_usage_entropy, usage_metrics
 
 
 def default_intermediate(hidden: int) -> int:
@@ -73,16 +40,6 @@ def model_config(config: PretrainConfig, tokenizer) -> BWAreaConfig:
         codebook_dim=config.codebook_dim, inverse_layers=config.inverse_layers, policy_layers=config.policy_layers,
         action_layer=config.action_layer, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-
-
-def usage_metrics(counts: torch.Tensor) -> dict:
-    """Code counts (num_actions,) -> codes used and usage perplexity exp(H(counts / total))."""
-    total = counts.sum()
-    if total <= 0:
-        return {"codes_used": 0, "code_perplexity": 0.0}
-    p = counts / total
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return {"codes_used": int((counts > 0).sum()), "code_perplexity": float(entropy.exp())}
 
 
 class WorldModelObjective(nn.Module):
@@ -137,43 +94,6 @@ class WorldModelObjective(nn.Module):
         nll = float(stats["nll_sum"] / stats["tokens"])
         return {"nll": nll, "id_ppl": math.exp(min(nll, 50.0)), "commit": float(stats["commit_sum"] / stats["tokens"]),
                 **usage_metrics(stats["code_counts"])}
-
-
-def soft_usage_entropy(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Entropy of the mean soft assignment of latents z (..., dim) to codes (n, dim): high when usage is even."""
-    dist = squared_distances(z.reshape(-1, z.shape[-1]), codes.float())
-    p = torch.softmax(-dist / dist.mean().detach().clamp_min(1e-8), dim=-1).mean(0)
-    return -(p * p.clamp_min(1e-12).log()).sum()
-
-
-def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """x (n, dim), c (k, dim) -> (n, k) squared Euclidean distances (one matmul; cdist is slow on CPU)."""
-    return (x.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1) - 2 * x @ c.t()).clamp_min(0)
-
-
-@torch.no_grad()
-def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n, dim) -> (centroids (k, dim), counts (k,)); k-means++ seeding, empty clusters re-seeded."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    x = x.float()
-    if len(x) < k:
-        raise ValueError(f"k-means needs at least {k} latents, got {len(x)}; raise --kmeans-batches")
-    centroids = x[torch.randint(len(x), (1,), generator=g)]
-    nearest = squared_distances(x, centroids).squeeze(1)
-    for _ in range(1, k):
-        # k-means++: the next centre is drawn with probability proportional to the squared distance.
-        probs = (nearest / nearest.sum()).cpu() if nearest.sum() > 0 else torch.full((len(x),), 1 / len(x))
-        new = x[torch.multinomial(probs, 1, generator=g).to(x.device)]
-        centroids = torch.cat([centroids, new])
-        nearest = torch.minimum(nearest, squared_distances(x, new).squeeze(1))
-    for _ in range(iters):
-        onehot = F.one_hot(squared_distances(x, centroids).argmin(dim=1), k).float()
-        counts = onehot.sum(0)
-        empty = counts == 0
-        centroids = torch.where(empty[:, None], x[torch.randint(len(x), (k,), generator=g).to(x.device)],
-                                onehot.t() @ x / counts.clamp_min(1)[:, None])
-    counts = torch.bincount(squared_distances(x, centroids).argmin(dim=1), minlength=k).float()
-    return centroids, counts
 
 
 class PretrainStage(Stage):

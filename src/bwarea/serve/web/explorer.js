@@ -5,9 +5,76 @@
 const $ = (id) => document.getElementById(id);
 const state = { timer: null, seq: 0, numActions: 64, controller: null, generated: "" };
 
-// Neighbouring action numbers get far-apart hues (golden angle), so adjacent tokens are easy to tell apart.
+// Each action gets its own colour, as far from every other action's as the page can make it: candidates span
+// hues, two saturations and eight lightness levels; action 0 takes the first, and each next action the
+// candidate farthest (in CIELAB, i.e. as the eye sees it) from all colours taken so far. 64 actions end up
+// at least 20 Delta-E apart (golden-angle hues at one lightness leave a pair 1 apart), and low action
+// numbers, used most, are the most distinct. Candidates too mid-grey for black or white text to read on
+// (contrast under 4.5) are left out; the text takes whichever of the two contrasts more.
+const palette = { colours: [], candidates: null, distance: null };
+
 function actionColour(action) {
-  return `hsl(${((action * 137.508) % 360).toFixed(1)} 75% 82%)`;
+  if (!palette.candidates) {
+    palette.candidates = [];
+    for (let hue = 0; hue < 360; hue += 5) {
+      for (const saturation of [0.5, 0.9]) {
+        for (const lightness of [0.88, 0.8, 0.72, 0.64, 0.56, 0.48, 0.4, 0.32]) {
+          const rgb = hslToRgb(hue, saturation, lightness);
+          const y = relativeLuminance(rgb);
+          const onBlack = (y + 0.05) / 0.05, onWhite = 1.05 / (y + 0.05);
+          if (Math.max(onBlack, onWhite) >= 4.5) {
+            palette.candidates.push({ rgb, lab: cielab(rgb), text: onBlack >= onWhite ? "#000" : "#fff" });
+          }
+        }
+      }
+    }
+    palette.distance = palette.candidates.map(() => Infinity);
+  }
+  while (palette.colours.length <= action) {  // farthest-point order: extending never changes earlier colours
+    let best = 0;
+    if (palette.colours.length) {
+      palette.distance.forEach((d, i) => { if (d > palette.distance[best]) best = i; });
+    }
+    const chosen = palette.candidates[best];
+    palette.candidates.forEach((c, i) => {
+      palette.distance[i] = Math.min(palette.distance[i], Math.hypot(...c.lab.map((v, k) => v - chosen.lab[k])));
+    });
+    palette.colours.push({ background: `rgb(${chosen.rgb.join(", ")})`, text: chosen.text });
+  }
+  return palette.colours[action];
+}
+
+function hslToRgb(hue, saturation, lightness) {
+  const a = saturation * Math.min(lightness, 1 - lightness);
+  const channel = (n) => {
+    const k = (n + hue / 30) % 12;
+    return Math.round(255 * (lightness - a * Math.max(-1, Math.min(k - 3, 9 - k, 1))));
+  };
+  return [channel(0), channel(8), channel(4)];
+}
+
+function linearRgb(rgb) {
+  return rgb.map((c) => (c / 255 <= 0.04045 ? c / 255 / 12.92 : ((c / 255 + 0.055) / 1.055) ** 2.4));
+}
+
+function relativeLuminance(rgb) {
+  const [r, g, b] = linearRgb(rgb);
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+}
+
+function cielab(rgb) {  // sRGB -> CIELAB (D65)
+  const [r, g, b] = linearRgb(rgb);
+  const f = (t) => (t > 216 / 24389 ? Math.cbrt(t) : (24389 / 27 * t + 16) / 116);
+  const x = f((0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047);
+  const y = f(0.2126 * r + 0.7152 * g + 0.0722 * b);
+  const z = f((0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883);
+  return [116 * y - 16, 500 * (x - y), 200 * (y - z)];
+}
+
+function paintAction(element, action) {
+  const colour = actionColour(action);
+  element.style.background = colour.background;
+  element.style.color = colour.text;
 }
 
 function setStatus(text, isError = false) {
@@ -39,8 +106,8 @@ function tokenSpan(text, action, tip, extraClass = "") {
   if (action === null || action === undefined) {
     span.classList.add("none");
   } else {
-    span.style.background = actionColour(action);
-    span.dataset.action = String(action);
+    paintAction(span, action);
+    span.dataset.action = String(action);  // style.css shows it after the token
   }
   span.dataset.tip = tip;
   span.title = tip;
@@ -72,7 +139,7 @@ function renderFanout(table) {
     head.className = "cell-head";
     const badge = document.createElement("span");
     badge.className = "badge";
-    badge.style.background = actionColour(row.action);
+    paintAction(badge, row.action);
     badge.textContent = row.action;
     const bar = document.createElement("div");
     bar.className = "bar";
