@@ -79,6 +79,7 @@ def test_generation_benchmark_writes_every_row(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["peak_growth_mb"] >= 0
 
 
+@pytest.mark.slow
 def test_generation_benchmark_busy_mode_runs_beside_a_second_process(tmp_path, capsys):
     out = tmp_path / "busy.json"
     before = torch.get_num_threads()
