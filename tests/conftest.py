@@ -53,3 +53,20 @@ def tiny_model_dir(tmp_path, tiny_model, released_dir) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(released_dir / name, out / name)
     return out
+
+
+@pytest.fixture
+def served(tiny_model_dir):
+    """(model, tokenizer) of the tiny checkpoint, for the server tests."""
+    from bwarea import BWAreaForCausalLM, load_tokenizer
+    model = BWAreaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    return model, load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def client(served):
+    """A FastAPI TestClient over the tiny model with small limits."""
+    from fastapi.testclient import TestClient
+    from bwarea.serve import Limits, create_app
+    with TestClient(create_app(*served, Limits(max_tokens=32, max_n=4, max_batch=8), model_id="tiny")) as c:
+        yield c

@@ -18,23 +18,11 @@ import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
-from bwarea import BWAreaForCausalLM, load_tokenizer
+from bwarea import load_tokenizer
 from bwarea.serve import Limits, create_app
 from bwarea.serve.views import TextStream, token_pieces
 
 PROMPT = "I like eating"
-
-
-@pytest.fixture
-def served(tiny_model_dir):
-    model = BWAreaForCausalLM.from_pretrained(tiny_model_dir).eval()
-    return model, load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture
-def client(served):
-    with TestClient(create_app(*served, Limits(max_tokens=32, max_n=4, max_batch=8), model_id="tiny")) as c:
-        yield c
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import httpx
 import pytest
 import torch
 from conftest import tiny_config
-from fastapi.testclient import TestClient
 from test_server import PROMPT, live_server
 from transformers import LogitsProcessorList
 
@@ -22,18 +21,6 @@ from bwarea.serve import Limits, create_app
 from bwarea.serve.openai_routes import chat_prompt
 from bwarea.serve.schemas import ChatMessage
 from bwarea.serve.views import token_pieces
-
-
-@pytest.fixture
-def served(tiny_model_dir):
-    model = BWAreaForCausalLM.from_pretrained(tiny_model_dir).eval()
-    return model, load_tokenizer(tiny_model_dir)
-
-
-@pytest.fixture
-def client(served):
-    with TestClient(create_app(*served, Limits(max_tokens=32, max_n=4, max_batch=8), model_id="tiny")) as c:
-        yield c
 
 
 def post(client, **body):
