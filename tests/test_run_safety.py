@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import tiny  # the same tiny pretraining settings
 
 from bwarea.cli import main
 from bwarea.tokenizer_train import train_tokenizer
-from bwarea.train import PretrainConfig, PretrainStage, train
+from bwarea.train import PretrainStage, train
 from bwarea.train.loop import RUN_MARKER
 
 WORDS = ("the king said unto the queen that the people of the city went up to the house of the lord and "
@@ -33,15 +34,6 @@ def corpus(tmp_path_factory) -> Path:
     (root / "empty.txt").write_text("")
     train_tokenizer([root / "train.txt"], 300, root / "tok")
     return root
-
-
-def tiny(corpus, out, **overrides) -> PretrainConfig:
-    fields = dict(data=[str(corpus / "train.txt")], tokenizer=str(corpus / "tok"), out=str(out), max_steps=6,
-                  batch_size=4, block_size=32, hidden_size=32, layers=2, heads=2, intermediate_size=64,
-                  codebook_dim=8, warmup_steps=2, log_every=1, save_every=2, keep_last=2, eval_blocks=4,
-                  dead_code_every=3, cache_dir=str(corpus / "cache"), progress=False, lr=3e-3)
-    fields.update(overrides)
-    return PretrainConfig(**fields)
 
 
 def cli_args(corpus, out, *extra) -> list[str]:
