@@ -70,3 +70,30 @@ def client(served):
     from bwarea.serve import Limits, create_app
     with TestClient(create_app(*served, Limits(max_tokens=32, max_n=4, max_batch=8), model_id="tiny")) as c:
         yield c
+
+
+# ----- search helpers (test_search, test_server_search) ---------------------------------------------------
+def scrambled(prompts, completions, completion_ids, **kwargs):
+    """A reward with no structure a policy could know: a fixed pseudo-random score per completion."""
+    return [float((sum((i + 1) * t for i, t in enumerate(ids)) * 2654435761) % 1000) for ids in completion_ids]
+
+
+class WorldModelWrites:
+    """Counts the tokens the world model writes in the model's fanout and generate calls (1 per row)."""
+
+    def __init__(self, model, monkeypatch):
+        self.count = 0
+        fanout, generate = model.fanout, model.generate
+
+        def counted_fanout(*args, **kwargs):
+            logits = fanout(*args, **kwargs)
+            self.count += logits.shape[0] * logits.shape[1]  # (batch, num_actions, vocab): one per action row
+            return logits
+
+        def counted_generate(*args, **kwargs):
+            out = generate(*args, **kwargs)
+            self.count += int(out.new_token_mask.sum())
+            return out
+
+        monkeypatch.setattr(model, "fanout", counted_fanout)
+        monkeypatch.setattr(model, "generate", counted_generate)

@@ -130,3 +130,47 @@ def test_explorer_page_end_to_end(tiny_model_dir):
     hosts = {urlparse(u).hostname for u in requested if not u.startswith("data:")}
     assert hosts == {"127.0.0.1"}, f"the page fetched from other hosts: {hosts}"
     assert (ARTIFACTS / "explorer.png").stat().st_size > 10_000
+
+
+def test_explorer_shows_a_searched_sequence_beside_the_greedy_one(tiny_model_dir):
+    sync_api = pytest.importorskip("playwright.sync_api")
+
+    def letter_e(prompts, completions, **kwargs):  # a reward the greedy completion is unlikely to maximise
+        return [float(c.count("e")) for c in completions]
+
+    model = BWAreaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    app = create_app(model, load_tokenizer(tiny_model_dir), Limits(max_tokens=32, max_search_budget=400),
+                     model_id="tiny", search_rewards={"letter_e": letter_e})
+    ARTIFACTS.mkdir(exist_ok=True)
+    with live_server(app) as base, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base + "/")
+            page.wait_for_selector("#search-reward option[value='letter_e']", state="attached", timeout=15000)
+            assert page.get_attribute("#search-budget", "max") == "400"
+            page.fill("#prompt", "The king said")
+            page.fill("#search-tokens", "8")
+            page.fill("#search-budget", "300")
+            page.select_option("#search-method", "mcts")
+            page.click("#search")
+            page.wait_for_selector("#search-result[data-state='done'], #search-result[data-state='error']",
+                                   timeout=30000)
+            assert page.get_attribute("#search-result", "data-state") == "done", page.text_content("#status")
+            # Both completions are there, each token coloured by its action, after the (uncoloured) prompt.
+            for box in ("#greedy-output", "#search-output"):
+                tokens = page.locator(f"{box} .tok[data-action]")
+                assert 1 <= tokens.count() <= 8
+                assert tokens.first.get_attribute("title").startswith("action ")
+                assert tokens.first.evaluate("e => getComputedStyle(e).backgroundColor") != "rgba(0, 0, 0, 0)"
+            assert page.text_content("#search-label") == "search (mcts)"
+            greedy = float(page.text_content("#greedy-reward").split()[-1])
+            searched = float(page.text_content("#search-reward-value").split()[-1])
+            assert searched >= greedy  # a search never returns less than the greedy sequence
+            assert "world-model token evaluations" in page.text_content("#search-stats")
+            page.screenshot(path=str(ARTIFACTS / "explorer-search.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()

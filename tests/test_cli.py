@@ -276,3 +276,19 @@ def test_verbs_on_the_shipped_default_model(capsys):
     assert rc == 0 and json.loads(out)["tokens"][1]["action"] is not None
     rc, out, _ = run(capsys, "explore", "The king said", "--top", "1", "--json")
     assert rc == 0 and len(json.loads(out)["actions"]) == 64
+
+
+def test_cli_inference_verbs_never_import_the_server(tiny_model_dir):
+    """Display helpers live in bwarea.display: generate, actions and explore run without bwarea.serve (and so
+    without FastAPI) being imported."""
+    code = (
+        "import sys\n"
+        "from bwarea.cli import main\n"
+        f"for argv in (['generate', 'hello', '--model', {str(tiny_model_dir)!r}, '--max-new-tokens', '3'],\n"
+        f"             ['actions', 'hello there', '--model', {str(tiny_model_dir)!r}],\n"
+        f"             ['explore', 'hello', '--model', {str(tiny_model_dir)!r}]):\n"
+        "    assert main(argv) in (0, None), argv\n"
+        "bad = sorted(m for m in sys.modules if m.startswith(('bwarea.serve', 'fastapi')))\n"
+        "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from bwarea import BWAreaForCausalLM, load_tokenizer
-from bwarea import generation, kernels
-from bwarea.generation import _Decoder
+from bwarea import kernels
+from bwarea.generation.backends import cpu
+from bwarea.generation.backends.threads import StepThreads
 from conftest import tiny_config
 
 
@@ -150,7 +151,7 @@ def run_steps(plan, clock, cost, steps, blocks=4):
 
 def test_step_threads_keep_all_threads_while_they_are_faster(two_threads):
     clock = FakeClock()
-    plan = generation._StepThreads(2, clock)
+    plan = StepThreads(2, clock)
     ran = run_steps(plan, clock, lambda step, n: {2: 1.0, 1: 1.6}[n], 300)
     # one thread first, then every thread, with one-thread re-timings ever further apart
     assert [i for i, n in enumerate(ran) if n != 2] == [0, 9, 25, 57, 121, 249]
@@ -160,7 +161,7 @@ def test_step_threads_fall_back_to_one_under_load_and_come_back(two_threads):
     """A busy machine: a step on both threads takes 40x one thread's. The first try of both threads (and each
     re-try) gives up after one block; once the load ends, steps go back to both threads."""
     clock = FakeClock()
-    plan = generation._StepThreads(2, clock)
+    plan = StepThreads(2, clock)
 
     def cost(step, n):
         busy = 20 <= step < 400
@@ -180,7 +181,7 @@ def test_step_threads_fall_back_to_one_under_load_and_come_back(two_threads):
 
 
 def test_step_threads_hand_back_torchs_setting_on_error(two_threads):
-    plan = generation._StepThreads(2, FakeClock())
+    plan = StepThreads(2, FakeClock())
     plan.begin()
     with pytest.raises(RuntimeError, match="boom"):
         with plan.run():
@@ -197,7 +198,7 @@ def test_switching_threads_mid_generation_changes_no_result(model, monkeypatch, 
                   return_dict_in_generate=True)
     pattern = [1]
 
-    class Scripted(generation._StepThreads):
+    class Scripted(StepThreads):
         def begin(self):
             self.plan = pattern[self.step % len(pattern)]
             self.count = self.live = 2 if self.plan == "overrun" else self.plan
@@ -213,7 +214,7 @@ def test_switching_threads_mid_generation_changes_no_result(model, monkeypatch, 
         def end(self):
             self.step += 1
 
-    monkeypatch.setattr(generation, "_StepThreads", Scripted)
+    monkeypatch.setattr(cpu, "StepThreads", Scripted)
     expected = model.generate(ids, generator=torch.Generator().manual_seed(4), **kwargs)
     pattern[:] = [2, "overrun", 1]
     out = model.generate(ids, generator=torch.Generator().manual_seed(4), **kwargs)
@@ -223,11 +224,10 @@ def test_switching_threads_mid_generation_changes_no_result(model, monkeypatch, 
 
 
 def paired_and_unpaired(model, monkeypatch, *args, **kwargs):
-    """generate(...) with the policy / world-model-lower-half pairs stacked (the CPU default) and without."""
-    paired = model.generate(*args, return_dict_in_generate=True, **kwargs)
-    with monkeypatch.context() as m:
-        m.setattr(generation, "_PAIRED_BYTES_LIMIT", 0)
-        unpaired = model.generate(*args, return_dict_in_generate=True, **kwargs)
+    """generate(...) on the CPU backend, whose leading policy / world-model-lower-half pairs run stacked, and on
+    the eager backend (the model's own blocks, one by one)."""
+    paired = model.generate(*args, return_dict_in_generate=True, backend="cpu", **kwargs)
+    unpaired = model.generate(*args, return_dict_in_generate=True, backend="eager", **kwargs)
     return paired, unpaired
 
 
@@ -239,7 +239,7 @@ def test_paired_decode_equals_unpaired_and_recomputation(monkeypatch, overrides)
     model = BWAreaForCausalLM(tiny_config(**overrides)).eval()
     model.set_action_sampling(greedy=True)
     expected_pairs = min(model.world_model.action_layer, len(model.policy.layers))
-    assert generation._decode_pairs(model, torch.device("cpu")) == expected_pairs
+    assert cpu.decode_pairs(model, torch.device("cpu")) == expected_pairs
     rows = [prompts(1, 4, seed=5)[0], prompts(1, 9, seed=6)[0]]
     ids, mask = left_pad(rows)
     paired, unpaired = paired_and_unpaired(model, monkeypatch, ids, mask, max_new_tokens=14, min_new_tokens=14)
@@ -273,14 +273,12 @@ def test_model_built_under_inference_mode_decodes(monkeypatch):
 
 
 def packed_and_unpacked(model, monkeypatch, *args, seed=0, **kwargs):
-    """generate(...) with oneDNN-packed products (CPU, >= _PACKED_MIN_ROWS rows) and with the bmm path, each
-    with a generator seeded ``seed``."""
+    """generate(...) on the CPU backend, with oneDNN-packed products (>= PACKED_MIN_ROWS rows), and on the eager
+    backend, each with a generator seeded ``seed``."""
     packed = model.generate(*args, return_dict_in_generate=True, generator=torch.Generator().manual_seed(seed),
-                            **kwargs)
-    with monkeypatch.context() as m:
-        m.setattr(generation, "_PACKED_MIN_ROWS", 10**9)
-        unpacked = model.generate(*args, return_dict_in_generate=True,
-                                  generator=torch.Generator().manual_seed(seed), **kwargs)
+                            backend="cpu", **kwargs)
+    unpacked = model.generate(*args, return_dict_in_generate=True, generator=torch.Generator().manual_seed(seed),
+                              backend="eager", **kwargs)
     return packed, unpacked
 
 
@@ -293,7 +291,7 @@ def test_packed_decode_equals_bmm_decode_and_recomputation(monkeypatch, override
     model = BWAreaForCausalLM(tiny_config(**overrides)).eval()
     rows = [prompts(1, n, seed=10 + n)[0] for n in (3, 9, 5, 9, 7)]
     ids, mask = left_pad(rows)
-    assert generation._packed_weights(model, torch.device("cpu"), len(rows)) is not None
+    assert cpu.packed_weights(model, torch.device("cpu"), len(rows)) is not None
     packed, unpacked = packed_and_unpacked(model, monkeypatch, ids, mask, max_new_tokens=14, min_new_tokens=14,
                                            action_greedy=False, seed=4)
     assert len(set(packed.actions.flatten().tolist())) > 3
@@ -322,22 +320,13 @@ def test_policy_update_repacks_only_the_policy(model):
     """RL steps change the policy alone: the world model's packed weights are kept, the policy's rebuilt."""
     ids = prompts(4, 6, seed=9)
     model.generate(ids, max_new_tokens=3)
-    world, policy = model._decode_packed_world[1], model._decode_packed_policy[1]
+    derived = cpu._DERIVED[model]
+    world, policy = derived["_decode_packed_world"][1], derived["_decode_packed_policy"][1]
     with torch.no_grad():
         model.policy.head.weight.mul_(0.5)
     model.generate(ids, max_new_tokens=3)
-    assert model._decode_packed_world[1] is world and model._decode_packed_policy[1] is not policy
-
-
-def test_sdpa_decode_path_equals_recomputation(model, monkeypatch):
-    """GPUs attend with SDPA while decoding; run that path here too."""
-    monkeypatch.setattr(_Decoder, "plain_attention_on", ())
-    rows = [prompts(1, 3, seed=3)[0], prompts(1, 8, seed=4)[0]]
-    ids, mask = left_pad(rows)
-    out = model.generate(ids, mask, max_new_tokens=12, min_new_tokens=12, return_dict_in_generate=True)
-    assert torch.equal(recomputed_tokens(model, out, mask), out.sequences[:, 8:])
-    alone = model.generate(rows[0][None], max_new_tokens=12, min_new_tokens=12)
-    assert torch.equal(alone[0, 3:], out.sequences[0, 8:])
+    assert derived["_decode_packed_world"][1] is world and derived["_decode_packed_policy"][1] is not policy
+    assert not any(name.startswith("_decode") for name in vars(model))  # nothing is hung on the model
 
 
 def test_fixed_action_equals_recomputation(model):

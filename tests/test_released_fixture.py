@@ -71,3 +71,19 @@ def test_bfloat16_load_stays_close(released_dir, reference):
     ref = torch.tensor(reference["fixed_action_2_last_logits"])
     # bf16 keeps ~3 significant digits; the logits are O(1).
     assert (logits[0, -1] - ref).abs().max() < 0.1
+
+
+def test_released_format_round_trip(released_dir):
+    """``to_released_state_dict`` undoes the loader's conversion exactly: the fixture's own keys and tensors."""
+    from safetensors.torch import load_file
+
+    from bwarea import compat
+    from bwarea.checkpoint import read_config
+
+    original = {k: v for k, v in load_file(released_dir / "model.safetensors").items()
+                if compat.rename_released_key(k) is not None}
+    config, fmt = read_config(released_dir)
+    assert fmt == "released"
+    back = compat.to_released_state_dict(compat.convert_released_state_dict(original), config)
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)

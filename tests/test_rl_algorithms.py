@@ -25,7 +25,7 @@ def test_registry_gives_the_cli_choices_and_each_algorithm_its_defaults():
     parser = argparse.ArgumentParser()
     rl_command.register(parser.add_subparsers())
     action = next(a for a in parser._subparsers._group_actions[0].choices["rl"]._actions if a.dest == "algo")
-    assert tuple(action.choices) == alg.ALGORITHMS == ("reinforce", "grpo", "ppo", "rloo")
+    assert tuple(action.choices) == alg.ALGORITHMS == ("reinforce", "grpo", "ppo", "rloo", "q")
     for name in alg.ALGORITHMS:
         algorithm = alg.get(name)
         assert algorithm.name == name

@@ -12,6 +12,7 @@ import torch
 
 from bwarea import load_tokenizer
 from bwarea.search import METHODS, search
+from conftest import WorldModelWrites, scrambled
 
 PROMPT = "The king said"
 
@@ -38,32 +39,6 @@ def token_count(target: int):
     def reward(prompts, completions, completion_ids, **kwargs):
         return [float(ids.count(target)) for ids in completion_ids]
     return reward
-
-
-def scrambled(prompts, completions, completion_ids, **kwargs):
-    """A reward with no structure a policy could know: a fixed pseudo-random score per completion."""
-    return [float((sum((i + 1) * t for i, t in enumerate(ids)) * 2654435761) % 1000) for ids in completion_ids]
-
-
-class WorldModelWrites:
-    """Counts the tokens the world model writes in the model's fanout and generate calls (1 per row)."""
-
-    def __init__(self, model, monkeypatch):
-        self.count = 0
-        fanout, generate = model.fanout, model.generate
-
-        def counted_fanout(*args, **kwargs):
-            logits = fanout(*args, **kwargs)
-            self.count += logits.shape[0] * logits.shape[1]  # (batch, num_actions, vocab): one per action row
-            return logits
-
-        def counted_generate(*args, **kwargs):
-            out = generate(*args, **kwargs)
-            self.count += int(out.new_token_mask.sum())
-            return out
-
-        monkeypatch.setattr(model, "fanout", counted_fanout)
-        monkeypatch.setattr(model, "generate", counted_generate)
 
 
 def greedy_completion(model, ids, steps):
@@ -122,6 +97,74 @@ def test_value_guided_search_pays_only_fanouts_and_two_sequences(model, tokenize
     assert st.fanouts * n <= st.evaluations <= st.fanouts * n + 2 * steps
     assert st.fanouts == (400 - 2 * steps) // n
     assert seen and all(0 < len(ids) < steps for ids in seen)  # partial completions
+
+
+# ----- the learned action-value (value="q") and top-k expansion ---------------------------------------------------
+@pytest.fixture
+def q_model(model):
+    """The tiny model with a random Q head (so that values differ between actions and states)."""
+    model.policy.add_q_head()
+    model.config.value_head = True
+    with torch.no_grad():
+        torch.manual_seed(3)
+        model.policy.q_head.weight.normal_(0, 0.5)
+    return model
+
+
+VARIANTS = [("mcts", {"expansion": "topk"}), ("mcts", {"value": "q"}), ("mcts", {"value": "q", "expansion": "topk"}),
+            ("beam", {"value": "q"})]
+
+
+@pytest.mark.parametrize("method,options", VARIANTS)
+def test_q_and_topk_searches_are_seeded_and_pay_exactly_what_they_write(q_model, tokenizer, monkeypatch, method,
+                                                                           options):
+    ids = prompt_ids(tokenizer)
+    runs = [search(q_model, ids, tokenizer=tokenizer, reward=scrambled, method=method, budget=100, max_new_tokens=6,
+                   seed=seed, temperature=0.7, **options) for seed in (1, 1, 2)]
+    a, b, c = (r.to_dict() for r in runs)
+    for r in (a, b, c):
+        r["stats"].pop("wall_time")
+    assert a == b and (a["top"], a["completion_ids"]) != (c["top"], c["completion_ids"])
+    writes = WorldModelWrites(q_model, monkeypatch)
+    for budget in (30, 100):  # 30: the greedy sequence and one beam of 4 branches over 6 tokens
+        writes.count = 0
+        result = search(q_model, ids, tokenizer=tokenizer, reward=scrambled, method=method, budget=budget,
+                        max_new_tokens=6, seed=0, **options)
+        assert result.stats.evaluations == writes.count <= budget
+        assert result.reward >= result.greedy_reward
+
+
+def test_mcts_with_q_pays_no_rollouts_and_follows_the_learned_values(q_model, tokenizer, monkeypatch):
+    ids = prompt_ids(tokenizer)
+    with torch.no_grad():
+        prior = torch.softmax(q_model.policy_logits(ids[None])[0, -1], -1)
+        writes_ = q_model.fanout(ids[None])[0].argmax(-1)
+    # Q says: only the action writing the root's least likely kept token is worth anything.
+    result = search(q_model, ids, tokenizer=tokenizer, reward=scrambled, method="mcts", budget=70, max_new_tokens=6,
+                    seed=0, rounds=1)
+    last = result.top[-1]
+    with torch.no_grad():
+        q_model.policy.q_head.weight.zero_()
+        q_model.policy.q_head.bias.fill_(-1.0)
+        q_model.policy.q_head.bias[[a for a in range(64) if int(writes_[a]) == int(writes_[last["action"]])]] = 1.0
+    writes = WorldModelWrites(q_model, monkeypatch)
+    steps, n = 6, q_model.config.num_actions
+    result = search(q_model, ids, tokenizer=tokenizer, reward=scrambled, method="mcts", budget=400,
+                    max_new_tokens=steps, seed=0, value="q")
+    st = result.stats
+    assert st.evaluations == writes.count and st.fanouts * n <= st.evaluations <= st.fanouts * n + 2 * steps
+    assert result.top[0]["action"] == last["action"] and result.top[0]["visits"] > result.top[1]["visits"]
+    assert float(prior[last["action"]]) < float(prior.max())  # the prior alone would not have picked it
+
+
+def test_value_q_without_a_value_head_is_an_error(model, tokenizer):
+    for method in ("mcts", "beam"):
+        with pytest.raises(ValueError, match=f"{method}: value='q' needs a model with a value head"):
+            search(model, prompt_ids(tokenizer), tokenizer=tokenizer, reward=scrambled, method=method, budget=200,
+                   max_new_tokens=4, value="q")
+    with pytest.raises(ValueError, match="expansion must be one of fanout, topk, got 'all'"):
+        search(model, prompt_ids(tokenizer), tokenizer=tokenizer, reward=scrambled, budget=200, max_new_tokens=4,
+               expansion="all")
 
 
 def test_bad_arguments_are_named(model, tokenizer):
@@ -229,6 +272,12 @@ def test_cli_searches_prints_the_tree_and_rejects_bad_flags(tiny_model_dir, tmp_
     assert code == 0 and "best samples" in out.out
     code, out = cli(*common, "--budget", 200, "--beams", 2)
     assert code == 2 and out.err.strip() == "bwarea search: error: --beams applies to --method beam, not mcts"
+    code, out = cli(*common, "--budget", 200, "--value", "q")  # the tiny model has no value head
+    assert code == 2 and "mcts: value='q' needs a model with a value head" in out.err
+    code, out = cli(*common, "--budget", 200, "--method", "best_of_n", "--value", "q")
+    assert code == 2 and "--value applies to --method mcts or beam, not best_of_n" in out.err
+    code, out = cli(*common, "--budget", 200, "--expansion", "topk", "--json")
+    assert code == 0 and json.loads(out.out)["stats"]["fanouts"] == 0
     code, out = cli(*common, "--budget", 3)
     assert code == 2 and "--budget 3 is below --max-new-tokens 4" in out.err
     code, out = cli(PROMPT, "--model", tiny_model_dir, "--task", "nope", "--budget", 50)

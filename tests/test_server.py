@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from bwarea import load_tokenizer
 from bwarea.serve import Limits, create_app
-from bwarea.serve.views import TextStream, token_pieces
+from bwarea.display import TextStream, token_pieces
 
 PROMPT = "I like eating"
 

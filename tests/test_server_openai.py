@@ -16,11 +16,11 @@ from test_server import PROMPT, live_server
 from transformers import LogitsProcessorList
 
 from bwarea import BWAreaForCausalLM, load_tokenizer
-from bwarea.sampling_processors import FrequencyPresencePenalty, LogitBias
+from bwarea.generation.processors import FrequencyPresencePenalty, LogitBias
 from bwarea.serve import Limits, create_app
 from bwarea.serve.openai_routes import chat_prompt
 from bwarea.serve.schemas import ChatMessage
-from bwarea.serve.views import token_pieces
+from bwarea.display import token_pieces
 
 
 def post(client, **body):

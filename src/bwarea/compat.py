@@ -82,6 +82,37 @@ def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return fuse_llama_projections(renamed)
 
 
+def to_released_state_dict(state_dict: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """A bwarea state dict -> the released format's keys and unfused projections (``convert_released_state_dict``
+    undone), for tools that write released-format checkpoints (the benchmarks' random 2.7B one, round-trip
+    tests). ``config``: the model's BWAreaConfig, for the q/k/v split."""
+    singles = {new: old for old, new in SINGLES.items()}
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    out = {}
+    for key, value in state_dict.items():
+        if key in singles:
+            out[singles[key]] = value
+            continue
+        trunk = next((old for old, new in TRUNKS.items() if key.startswith(new)), None)
+        if trunk is None:
+            out[key] = value
+            continue
+        rest = key[len(TRUNKS[trunk]):]
+        part = next(old for old, new in TRUNK_PARTS.items() if rest.startswith(new))
+        name = trunk + part + rest[len(TRUNK_PARTS[part]):]
+        if name.endswith("self_attn.qkv_proj.weight"):
+            base = name[: -len("qkv_proj.weight")]
+            for p, t in zip("qkv", value.split([q, kv, kv], dim=0)):
+                out[base + f"{p}_proj.weight"] = t.contiguous()
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            base = name[: -len("gate_up_proj.weight")]
+            gate, up = value.chunk(2, dim=0)
+            out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+        else:
+            out[name] = value
+    return out
+
+
 def llama_trunk_state_dict(llama_state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """transformers ``LlamaForCausalLM`` weights -> a bwarea trunk under ``prefix`` (e.g. "world_model.").
 

@@ -27,6 +27,7 @@ class BWAreaConfig(PretrainedConfig):
     World model: ``num_hidden_layers`` Llama blocks, the action enters before block ``action_layer``.
     Inverse dynamics: ``inverse_layers`` blocks (default L//2). Policy: ``policy_layers`` blocks (default L).
     Actions: ``num_actions`` codebook rows of width ``codebook_dim``.
+    ``value_head``: the policy also has a learned action-value head Q(s, .) (``bwarea rl --algo q``).
     """
 
     model_type = "bwarea"
@@ -48,6 +49,7 @@ class BWAreaConfig(PretrainedConfig):
         policy_layers: int | None = None,
         action_layer: int | None = None,
         initializer_range: float = 0.02,
+        value_head: bool = False,
         **kwargs,
     ):
         for released, ours in RELEASED_FIELD_NAMES.items():
@@ -70,6 +72,8 @@ class BWAreaConfig(PretrainedConfig):
             rope_theta=rope_theta, rms_norm_eps=rms_norm_eps, num_actions=num_actions, codebook_dim=codebook_dim,
             inverse_layers=inverse_layers, policy_layers=policy_layers, action_layer=action_layer,
             initializer_range=initializer_range))
+        if not isinstance(value_head, bool):
+            raise ValueError(f"BWAreaConfig: value_head must be true or false, got {value_head!r}")
         for key in ("dtype", "torch_dtype"):
             if kwargs.get(key) is not None:
                 check_dtype(key, kwargs[key])
@@ -88,6 +92,7 @@ class BWAreaConfig(PretrainedConfig):
         self.policy_layers = num_hidden_layers if policy_layers is None else policy_layers
         self.action_layer = num_hidden_layers // 2 if action_layer is None else action_layer
         self.initializer_range = initializer_range
+        self.value_head = value_head
         for llama_only in ("model_type", "architectures", "pretraining_tp", "hidden_act", "attention_bias",
                            "attention_dropout", "mlp_bias", "head_dim", "use_cache"):
             kwargs.pop(llama_only, None)

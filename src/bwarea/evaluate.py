@@ -110,7 +110,7 @@ def evaluate(model_path, data, tokenizer_path=None, block_size: int | None = Non
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
     if kind == "bwarea" and not hasattr(model, "lm_log_likelihood"):
-        raise ValueError("this bwarea install has no lm_log_likelihood (generation.py): lm_ppl cannot be computed")
+        raise ValueError("this bwarea install has no lm_log_likelihood (bwarea.generation): lm_ppl cannot be computed")
     return {"model": str(model_path or _default_path()), "kind": kind, "block_size": block_size,
             **evaluate_blocks(model, kind, blocks, batch_size, progress)}
 

@@ -2,12 +2,13 @@
 
 torch multiplies float32 matrices on CPU with MKL, and MKL runs its AVX2 kernels on AMD processors even where
 they have AVX-512. oneDNN (bundled with torch, as ``torch.ops.mkldnn``) picks its kernels from the CPU's
-features. On the 2-core AMD EPYC bwarea is developed on (one core: MKL 100 GFLOP/s, oneDNN 220):
-- unpacked, oneDNN multiplies the benchmark model's matrices 0.8-1.9x as fast as MKL at 16 rows, and 1.2-2.8x
-  at 64 to 4096 rows (prompts, fan-out, likelihoods);
-- a weight stored once in oneDNN's blocked layout (``pack``) serves a decode step's few rows: from 4 rows on it
-  is 1.2-3.9x as fast as MKL, but for the smallest matrix (256 x 256, 0.9x).
-``benchmarks/bench_kernels.py`` measures all of this on the machine at hand.
+features, and is faster there for the many-row products of prompts, fan-out and likelihoods (``linear``) and,
+with a weight stored once in its blocked layout (``pack``), for a decode step's few rows.
+``benchmarks/bench_kernels.py`` measures both against MKL on the machine at hand.
+
+The model's layers are plain ``nn.Linear``: training never comes here. Inference code that wants the route
+enters ``cpu_products(device)`` around its forward passes (the generation prefill, fan-out, the language-model
+view); inside it every ``F.linear`` that qualifies goes through ``linear``.
 
 Everything here is inference-only: a product that autograd has to see, a compiled graph, a device other
 than the CPU or a dtype other than float32 goes through ``F.linear``, as does everything when oneDNN's ops are
@@ -17,12 +18,13 @@ missing or fail the check ``onednn_available`` runs once. ``BWAREA_ONEDNN=0`` tu
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
-# From this many rows an unpacked weight beats MKL's mm, except the smallest (bench_kernels.py: 0.8-1.9x at 16
-# rows, 1.1-2.1x at 32; 0.8-1.0x at 8).
+# From this many rows an unpacked weight beats MKL's mm (bench_kernels.py), but for the smallest matrices.
 MIN_ROWS = 16
 
 _available: bool | None = None
@@ -54,6 +56,30 @@ def _self_check() -> bool:
         return False
 
 
+_packs: dict = {}
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether ``pack`` / ``packed_linear`` work for weights of ``dtype`` here and agree with F.linear (checked
+    once per dtype, like ``onednn_available``; a CPU without bf16 support makes oneDNN refuse or emulate)."""
+    if dtype not in _packs:
+        _packs[dtype] = onednn_available() and (dtype == torch.float32 or _check_packed(dtype))
+    return _packs[dtype]
+
+
+def _check_packed(dtype) -> bool:
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, w, r = (torch.randn(*shape, generator=g).to(dtype) for shape in ((3, 64), (96, 64), (3, 96)))
+        with torch.no_grad():
+            packed = pack(w)
+            got = (packed_linear(x, packed), packed_linear(x, packed, r))
+        want = (F.linear(x.float(), w.float()), F.linear(x.float(), w.float()) + r.float())
+        return all(a.dtype == dtype and torch.allclose(a.float(), b, rtol=3e-2, atol=3e-2) for a, b in zip(got, want))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 def _routable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return False
@@ -77,7 +103,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
-    """A float32 (out, in) weight -> a copy in oneDNN's blocked layout, for ``packed_linear`` (no autograd).
+    """An (out, in) weight (float32, or bf16 / float16 where ``packs`` says so) -> a copy in oneDNN's blocked
+    layout, for ``packed_linear`` (no autograd).
     The layout is chosen for 8-row products; it serves 1 to 64 rows equally well."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 8)
 
@@ -87,3 +114,21 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor 
     if residual is None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, packed, None, "add")
+
+
+class _OneDNNLinears(TorchFunctionMode):
+    """Routes ``F.linear`` through ``linear`` (which keeps F.linear wherever oneDNN does not apply)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            return linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def cpu_products(device) -> TorchFunctionMode | nullcontext:
+    """A context for inference forward passes on ``device``: on CPU with oneDNN usable, its ``F.linear`` calls
+    go through ``linear``; elsewhere nothing changes."""
+    if torch.device(device).type == "cpu" and onednn_available():
+        return _OneDNNLinears()
+    return nullcontext()

@@ -1,6 +1,6 @@
 """The BWArea model: one file, read top to bottom.
 
-    RMSNorm, Linear -> rotary -> attention -> MLP -> Block -> Trunk
+    RMSNorm -> rotary -> attention -> MLP -> Block -> Trunk
     -> WorldModel, InverseDynamics, Policy, ActionCodebook -> BWAreaForCausalLM
 
 A BWArea model is three Llama-style transformers that share a discrete action space of
@@ -13,7 +13,7 @@ A BWArea model is three Llama-style transformers that share a discrete action sp
 * the **policy** predicts a_t from tokens <= t (logits over the actions).
 
 Generation (``generate``, ``fanout``) and the exact language-model scores (``lm_logprobs``,
-``lm_log_likelihood``) live in ``generation.py``; this file is the forward pass and the released BWArea call
+``lm_log_likelihood``) live in the ``generation`` package; this file is the forward pass and the released BWArea call
 surface (``forward_inverse``, ``forward_policy``, action info). The views:
 
 * ``model(input_ids)``: BWArea as a language model, the mixture over the policy's actions (``lm_logprobs``);
@@ -33,9 +33,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import checkpoint, kernels
+from . import checkpoint
 from .config import BWAreaConfig
 from .generation import BWAreaGenerationMixin
+from .generation.controls import check_action_index
 
 
 class RMSNorm(nn.Module):
@@ -47,15 +48,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as Llama does, so bf16 matches.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose products without autograd may run on oneDNN on CPU (``kernels.linear``): prompts,
-    fan-out and likelihoods go ~2x faster where torch's MKL takes its AVX2 path. Training goes through
-    F.linear, and the state dict is nn.Linear's."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
 
 
 class Rotary(nn.Module):
@@ -86,9 +78,9 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
-        self.qkv_proj = Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
                                bias=False)
-        self.o_proj = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None):
         """x (batch, seq, hidden); mask None (plain causal) or bool (batch|1, 1, seq, keys), True = attend.
@@ -124,8 +116,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: BWAreaConfig):
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -169,10 +161,10 @@ class WorldModel(Trunk):
     def __init__(self, config: BWAreaConfig):
         super().__init__(config, config.num_hidden_layers)
         self.action_layer = config.action_layer
-        self.action_proj = Linear(config.codebook_dim, config.hidden_size, bias=False)  # U (released: unpress)
-        self.dynamics = Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # W_dyn
+        self.action_proj = nn.Linear(config.codebook_dim, config.hidden_size, bias=False)  # U (released: unpress)
+        self.dynamics = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)  # W_dyn
         self.dynamics_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def inject(self, h: torch.Tensor, action_vectors: torch.Tensor) -> torch.Tensor:
         """h (..., hidden), action_vectors (..., codebook_dim) -> h + RMSNorm(W_dyn [h ; U e_a])."""
@@ -191,7 +183,7 @@ class InverseDynamics(Trunk):
 
     def __init__(self, config: BWAreaConfig):
         super().__init__(config, config.inverse_layers)
-        self.press = Linear(config.hidden_size, config.codebook_dim, bias=False)
+        self.press = nn.Linear(config.hidden_size, config.codebook_dim, bias=False)
 
     def forward(self, input_ids, cos, sin, mask=None):
         """input_ids (batch, seq) -> action latents (batch, seq, codebook_dim), before quantisation."""
@@ -202,15 +194,32 @@ class InverseDynamics(Trunk):
 
 
 class Policy(Trunk):
-    """Chooses the action at t from tokens <= t: a causal trunk and a head over the actions."""
+    """Chooses the action at t from tokens <= t: a causal trunk and a head over the actions.
+
+    With ``config.value_head`` it also has ``q_head``, a learned action-value Q(s_t, .) over the actions read
+    from the same final hidden state (trained by ``bwarea rl --algo q``, used by MCTS in place of rollouts).
+    """
 
     def __init__(self, config: BWAreaConfig):
         super().__init__(config, config.policy_layers)
-        self.head = Linear(config.hidden_size, config.num_actions, bias=False)
+        self.head = nn.Linear(config.hidden_size, config.num_actions, bias=False)
+        self.q_head = nn.Linear(config.hidden_size, config.num_actions) if config.value_head else None
+
+    def final_hidden(self, input_ids, cos, sin, mask=None, kv_caches=None):
+        """input_ids (batch, seq) -> the trunk's normalised output (batch, seq, hidden): what both heads read."""
+        return self.norm(self.run(self.embed_tokens(input_ids), cos, sin, mask, kv_caches))
 
     def forward(self, input_ids, cos, sin, mask=None, kv_caches=None):
         """input_ids (batch, seq) -> action logits (batch, seq, num_actions), float32."""
-        return self.head(self.norm(self.run(self.embed_tokens(input_ids), cos, sin, mask, kv_caches))).float()
+        return self.head(self.final_hidden(input_ids, cos, sin, mask, kv_caches)).float()
+
+    def add_q_head(self) -> None:
+        """Give a policy without one a Q head, zero-initialised (Q = 0 for every action until trained)."""
+        if self.q_head is None:
+            w = self.head.weight
+            self.q_head = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype)
+            nn.init.zeros_(self.q_head.weight)
+            nn.init.zeros_(self.q_head.bias)
 
 
 class ActionCodebook(nn.Module):
@@ -265,7 +274,7 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
 
     The call surface is the released one (``model(..., action_idx=)``, ``forward_inverse``,
     ``forward_policy``, ``set_action_sampling``, ``get_action_info``), plus ``generate``, ``fanout``,
-    ``lm_logprobs`` and ``lm_log_likelihood`` from ``generation.py``. ``model(input_ids)`` without actions is
+    ``lm_logprobs`` and ``lm_log_likelihood`` from the ``generation`` package. ``model(input_ids)`` without actions is
     BWArea as a language model (``lm_logprobs``); ``forward_under_policy`` is the released uncached view.
     """
 
@@ -331,24 +340,7 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
 
     def _check_actions(self, action_idx, input_ids) -> torch.Tensor:
         """int or (batch, seq) tensor -> (batch, seq) long tensor of actions, validated."""
-        n = self.config.num_actions
-        if isinstance(action_idx, bool) or not isinstance(action_idx, (int, torch.Tensor)):
-            raise ValueError(f"action_idx must be an int or a (batch, seq) LongTensor, got "
-                             f"{type(action_idx).__name__}")
-        if isinstance(action_idx, int) or action_idx.dim() == 0:
-            a = int(action_idx)
-            if not 0 <= a < n:
-                raise ValueError(f"action index {a} is outside [0, {n})")
-            return torch.full_like(input_ids, a, dtype=torch.long)
-        if action_idx.dtype.is_floating_point or action_idx.dtype == torch.bool:
-            raise ValueError(f"action_idx must hold integer action indices, got dtype {action_idx.dtype}")
-        if tuple(action_idx.shape) != tuple(input_ids.shape):
-            raise ValueError(f"action_idx has shape {tuple(action_idx.shape)} but input_ids has "
-                             f"{tuple(input_ids.shape)}: give one action per position")
-        low, high = int(action_idx.min()), int(action_idx.max())
-        if low < 0 or high >= n:
-            raise ValueError(f"action index {low if low < 0 else high} is outside [0, {n})")
-        return action_idx.to(device=input_ids.device, dtype=torch.long)
+        return check_action_index(action_idx, input_ids, self.config.num_actions)
 
     # transformers passes these to any causal LM; each is honoured only at its no-op value.
     # (use_cache changes nothing: every view runs uncached.)
@@ -381,6 +373,15 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
         """Policy: -> action logits (batch, seq, num_actions), float32."""
         cos, sin, mask = self.positions_and_mask(attention_mask, *input_ids.shape, input_ids.device, self._dtype())
         return self.policy(input_ids, cos, sin, mask)
+
+    def action_values(self, input_ids, attention_mask=None):
+        """The learned action-value: -> Q(s_t, a) (batch, seq, num_actions), float32, for the state after the
+        tokens <= t. Needs a model with a value head (``config.value_head``; ``bwarea rl --algo q`` trains one)."""
+        if self.policy.q_head is None:
+            raise ValueError("this model has no value head (config.value_head is false): train one with "
+                             "`bwarea rl --algo q`, or search with reward rollouts")
+        cos, sin, mask = self.positions_and_mask(attention_mask, *input_ids.shape, input_ids.device, self._dtype())
+        return self.policy.q_head(self.policy.final_hidden(input_ids, cos, sin, mask)).float()
 
     def world_logits(self, input_ids, action_vectors, attention_mask=None):
         """World model under given action vectors (batch, seq, codebook_dim) -> (logits float32, hidden)."""
@@ -535,7 +536,7 @@ def _resized(module: nn.Module, n: int) -> nn.Module:
     if isinstance(module, nn.Embedding):
         out = nn.Embedding(n, old.shape[1], device=old.device, dtype=old.dtype)
     else:
-        out = Linear(old.shape[1], n, bias=False, device=old.device, dtype=old.dtype)
+        out = nn.Linear(old.shape[1], n, bias=False, device=old.device, dtype=old.dtype)
     out.weight.data = new
     return out
 

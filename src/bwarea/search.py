@@ -5,10 +5,13 @@ under it. Three methods share one budget and one reward:
 
 * ``best_of_n``: n action sequences sampled from the policy (``model.generate``), the best by reward;
 * ``beam``: beam search over actions, ranked by the policy's summed action log-probabilities (plus, optionally,
-  ``value_weight * value(text)``), the final beams picked by reward;
+  ``value_weight * value``: a callable on the text, or ``"q"``, the model's learned Q(s, a)), the final beams
+  picked by reward;
 * ``mcts``: PUCT over actions with the policy as prior (CoLA's settings as defaults: cpuct 0.7, 5 branches at
-  the root, 4 below). Expanding a node scores all its actions with ONE ``model.fanout`` call; a new node is
-  valued by a policy rollout to the end, scored by the reward (or by a ``value`` callable).
+  the root, 4 below). Expanding a node scores all its actions with ONE ``model.fanout`` call (or, with
+  ``expansion="topk"``, writes only the likeliest actions' tokens); a new node is valued by a policy rollout to
+  the end, scored by the reward, or by a ``value``: a callable on partial text, or ``"q"``, the model's learned
+  action-value head (``bwarea rl --algo q``), which costs no world-model evaluation at all.
 
 Budget: world-model token evaluations. Every token the world model writes under an action counts 1 per row:
 a greedy or sampled sequence of k new tokens costs k (EOS ends it early, and what is not written is not paid
@@ -50,8 +53,11 @@ TOP = 10  # alternatives a result lists (beams, samples); MCTS lists every root 
 OPTIONS = {
     "best_of_n": {"n", "action_temperature"},
     "beam": {"beams", "branches", "value", "value_weight"},
-    "mcts": {"cpuct", "root_branches", "lower_branches", "rounds", "rollout_action_temperature", "value"},
+    "mcts": {"cpuct", "root_branches", "lower_branches", "rounds", "rollout_action_temperature", "value",
+             "expansion"},
 }
+EXPANSIONS = ("fanout", "topk")
+Q = "q"  # value="q": the model's learned action-value head (config.value_head), in place of rollouts
 
 
 @dataclass
@@ -271,19 +277,23 @@ def _beam(s: _Search, beams: int | None = None, branches: int = BEAM_BRANCHES, v
         s.stats.rounds += 1
         contexts = [t for _, t, _ in live]
         logp = torch.log_softmax(s.model.policy_logits(s.ids(contexts))[:, -1].float(), dim=-1)
+        q = s.model.action_values(s.ids(contexts))[:, -1] if value == Q else None  # Q(beam's state, action)
         top = logp.topk(branches, dim=-1)  # ties: the lower action first, as topk orders them
         rows = [(b, int(a), float(lp)) for b in range(len(live))
                 for a, lp in zip(top.indices[b].tolist(), top.values[b].tolist())]
         written = s.write([live[b][1] for b, _, _ in rows], 1, actions=torch.tensor([[a] for _, a, _ in rows]))
-        pool = {}
+        pool, q_of = {}, {}
         for (b, a, lp), (tok, _) in zip(rows, written):
             score, tokens, actions = live[b]
             cand = (score + lp, tokens + tok, actions + (a,))
             if cand[1] not in pool or cand[0] > pool[cand[1]][0]:
                 pool[cand[1]] = cand
+                q_of[cand[1]] = None if q is None else float(q[b, a])
         cands = list(pool.values())
         rank = [c[0] for c in cands]
-        if value is not None:
+        if value == Q:
+            rank = [r + value_weight * q_of[c[1]] for r, c in zip(rank, cands)]
+        elif value is not None:
             rank = [r + value_weight * v for r, v in zip(rank, value([c[1] for c in cands]))]
         order = sorted(range(len(cands)), key=lambda i: -rank[i])[:beams]
         live = []
@@ -298,7 +308,7 @@ def _beam(s: _Search, beams: int | None = None, branches: int = BEAM_BRANCHES, v
 # ----- MCTS -------------------------------------------------------------------------------------------------
 class _Node:
     __slots__ = ("tokens", "actions", "action", "aliases", "prior", "children", "visits", "value_sum",
-                 "expanded", "exhausted", "best")
+                 "expanded", "exhausted", "best", "q")
 
     def __init__(self, tokens: tuple, actions: tuple, action: int | None, aliases: list[int], prior: float):
         self.tokens, self.actions, self.action, self.aliases, self.prior = tokens, actions, action, aliases, prior
@@ -306,6 +316,7 @@ class _Node:
         self.visits, self.value_sum = 0, 0.0
         self.expanded = self.exhausted = False
         self.best: tuple[float, tuple] | None = None  # best (reward, completion) found through this node
+        self.q: float | None = None  # value="q": Q(parent, action), prior-weighted over the aliases
 
     @property
     def mean(self) -> float:
@@ -321,8 +332,11 @@ class _MCTS:
     of them, the others are its aliases), and the ``branches`` likeliest tokens are kept, priors renormalised.
     """
 
-    def __init__(self, s: _Search, cpuct, root_branches, lower_branches, rounds, rollout_action_temperature, value):
+    def __init__(self, s: _Search, cpuct, root_branches, lower_branches, rounds, rollout_action_temperature, value,
+                 expansion):
         n = s.model.config.num_actions
+        if expansion not in EXPANSIONS:
+            raise ValueError(f"mcts: expansion must be one of {', '.join(EXPANSIONS)}, got {expansion!r}")
         for name, b in (("root_branches", root_branches), ("lower_branches", lower_branches)):
             if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
                 raise ValueError(f"mcts: {name} must be an int in 1..{n}, got {b!r}")
@@ -334,11 +348,11 @@ class _MCTS:
         _check_temperature("mcts: rollout_action_temperature", rollout_action_temperature, zero_ok=True)
         self.s, self.cpuct, self.rounds = s, float(cpuct), rounds
         self.root_branches, self.lower_branches = root_branches, lower_branches
-        self.rollout_temperature, self.value = float(rollout_action_temperature), value
+        self.rollout_temperature, self.value, self.expansion = float(rollout_action_temperature), value, expansion
         self.low, self.high = math.inf, -math.inf
         self.root = _Node((), (), None, [], 1.0)
         s.stats.nodes = 1
-        # With a value callable a leaf costs nothing, but the answer still needs one completed sequence.
+        # With a value a leaf costs nothing, but the answer still needs one completed sequence.
         self.reserve = s.max_new_tokens if value is not None else 0
 
     def rollout_cost(self, node: _Node) -> int:
@@ -347,9 +361,15 @@ class _MCTS:
     def fits(self, n: int) -> bool:
         return self.s.budget.fits(n + self.reserve)
 
+    def expand_cost(self, node: _Node) -> int:
+        """The most an expansion can cost: a fan-out, or one token per action tried (topk)."""
+        if self.expansion == "fanout":
+            return self.s.model.config.num_actions
+        return self.root_branches if node is self.root else self.lower_branches
+
     def run(self) -> None:
-        s, n = self.s, self.s.model.config.num_actions
-        if not self.fits(n):
+        s = self.s
+        if not self.fits(self.expand_cost(self.root)):
             return
         self.expand(self.root)
         while not self.root.exhausted and (self.rounds is None or s.stats.rounds < self.rounds):
@@ -359,7 +379,8 @@ class _MCTS:
                 node = self.select(node)
                 path.append(node)
             if node.visits and not s.done(node.tokens):  # visited before: grow the tree below it
-                if not self.fits(n + (s.max_new_tokens - len(node.tokens) - 1 if self.value is None else 0)):
+                rollout = s.max_new_tokens - len(node.tokens) - 1 if self.value is None else 0
+                if not self.fits(self.expand_cost(node) + rollout):
                     break
                 self.expand(node)
                 node = self.select(node)
@@ -373,29 +394,46 @@ class _MCTS:
             self.complete_most_visited()
 
     def expand(self, node: _Node) -> None:
-        """ONE fan-out: the next token under every action; children are the likeliest distinct tokens."""
+        """The next token under the node's actions; children are the likeliest distinct tokens.
+
+        fanout: ONE fan-out writes the next token under every action (num_actions evaluations), so actions that
+        write the same token pool their prior. topk: only the ``branches`` likeliest actions write their token
+        (one evaluation each, one ``generate`` call); those writing the same token are one child.
+        """
         s = self.s
         ids = s.ids([node.tokens])
-        logits = s.model.fanout(ids)[0]  # (num_actions, vocab)
-        s.budget.spend(logits.shape[0])
-        s.stats.fanouts += 1
         prior = torch.softmax(s.model.policy_logits(ids)[0, -1].float(), dim=-1)
-        if s.temperature > 0:
-            probs = torch.softmax(logits / s.temperature, dim=-1)
-            tokens = torch.multinomial(probs, 1, generator=s.generator).squeeze(1).tolist()
+        branches = self.root_branches if node is self.root else self.lower_branches
+        order = torch.sort(prior, descending=True, stable=True).indices.tolist()
+        if self.expansion == "fanout":
+            logits = s.model.fanout(ids)[0]  # (num_actions, vocab)
+            s.budget.spend(logits.shape[0])
+            s.stats.fanouts += 1
+            if s.temperature > 0:
+                probs = torch.softmax(logits / s.temperature, dim=-1)
+                tokens = torch.multinomial(probs, 1, generator=s.generator).squeeze(1).tolist()
+            else:
+                tokens = logits.argmax(-1).tolist()
+            token_of = dict(enumerate(tokens))
         else:
-            tokens = logits.argmax(-1).tolist()
+            tried = order[:branches]
+            written = s.write([node.tokens] * len(tried), 1, actions=torch.tensor([[a] for a in tried]))
+            token_of = {a: tok[0] for a, (tok, _) in zip(tried, written)}
+            order = tried
         groups: dict[int, list] = {}  # token -> [summed prior, actions by descending prior]
-        for a in torch.sort(prior, descending=True, stable=True).indices.tolist():
-            g = groups.setdefault(tokens[a], [0.0, []])
+        for a in order:
+            g = groups.setdefault(token_of[a], [0.0, []])
             g[0] += float(prior[a])
             g[1].append(a)
-        branches = self.root_branches if node is self.root else self.lower_branches
         kept = sorted(groups.items(), key=lambda kv: -kv[1][0])[:branches]  # stable: ties by likeliest action
         total = sum(p for _, (p, _) in kept)
+        q = s.model.action_values(ids)[0, -1] if self.value == Q else None
         for token, (p, actions) in kept:
-            node.children.append(_Node(node.tokens + (token,), node.actions + (actions[0],), actions[0], actions[1:],
-                                       p / total))
+            child = _Node(node.tokens + (token,), node.actions + (actions[0],), actions[0], actions[1:], p / total)
+            if q is not None:  # the actions writing this token, weighted by the policy
+                weights = prior[actions]
+                child.q = float((weights * q[actions]).sum() / weights.sum().clamp(min=1e-30))
+            node.children.append(child)
         s.stats.nodes += len(kept)
         node.expanded = True
 
@@ -415,6 +453,8 @@ class _MCTS:
         if s.done(node.tokens):
             node.exhausted = True
             return s.offer(node.tokens, node.actions), node.tokens
+        if self.value == Q:
+            return node.q, None
         if self.value is not None:
             return self.value([node.tokens])[0], None
         greedy = self.rollout_temperature == 0
@@ -454,8 +494,9 @@ class _MCTS:
 
 
 def _mcts(s: _Search, cpuct: float = CPUCT, root_branches: int = ROOT_BRANCHES, lower_branches: int = LOWER_BRANCHES,
-          rounds: int | None = None, rollout_action_temperature: float = 1.0, value=None) -> list[dict]:
-    tree = _MCTS(s, cpuct, root_branches, lower_branches, rounds, rollout_action_temperature, value)
+          rounds: int | None = None, rollout_action_temperature: float = 1.0, value=None,
+          expansion: str = "fanout") -> list[dict]:
+    tree = _MCTS(s, cpuct, root_branches, lower_branches, rounds, rollout_action_temperature, value, expansion)
     tree.run()
     return tree.top()
 
@@ -492,10 +533,14 @@ def search(model, input_ids, attention_mask=None, *, tokenizer, reward, method: 
     search repeatable (None: torch's global generator). progress(spent, budget) is called as evaluations are spent.
 
     Method options: best_of_n ``n`` (default: as many as the budget pays for), ``action_temperature`` (1.0);
-    beam ``beams`` (default: as many as the budget pays for), ``branches`` (4), ``value``, ``value_weight`` (1.0);
+    beam ``beams`` (default: as many as the budget pays for), ``branches`` (4), ``value`` (a callable on the text,
+    or ``"q"``: the learned Q(s, a) of each candidate's action), ``value_weight`` (1.0);
     mcts ``cpuct`` (0.7), ``root_branches`` (5), ``lower_branches`` (4), ``rounds`` (default: until the budget),
     ``rollout_action_temperature`` (1.0; 0 = greedy rollouts), ``value`` (a callable with the reward's signature
-    scoring partial completions; it replaces rollouts). An option the method does not take is an error.
+    scoring partial completions, or ``"q"``: the model's learned action-value head; either replaces rollouts),
+    ``expansion`` (``"fanout"``: one fan-out per node, num_actions evaluations; ``"topk"``: only the kept
+    branches' likeliest actions write a token, one evaluation each). An option the method does not take is an
+    error; ``value="q"`` on a model without a value head is an error naming it.
     """
     from .rl.settings import DEFAULT_TIMEOUT
 
@@ -524,7 +569,14 @@ def search(model, input_ids, attention_mask=None, *, tokenizer, reward, method: 
             raise ValueError(f"beam: value_weight must be a finite number, got {w!r}")
     timeout = DEFAULT_TIMEOUT if reward_timeout is None else reward_timeout
     rewards = _as_reward_set(reward, "reward", timeout)
-    values = None if options.get("value") is None else _as_reward_set(options["value"], "value", timeout)
+    values = options.get("value")
+    if isinstance(values, str) and values == Q:
+        if getattr(model.policy, "q_head", None) is None:
+            raise ValueError(f"{method}: value='q' needs a model with a value head (config.value_head is false for "
+                             "this one): train one with `bwarea rl --algo q`, or leave value out to use reward "
+                             "rollouts")
+    elif values is not None:
+        values = _as_reward_set(values, "value", timeout)
 
     if not torch.is_tensor(input_ids):
         input_ids = torch.as_tensor(input_ids)
@@ -560,9 +612,10 @@ def _search_one(model, tokenizer, prompt_ids, rewards, values, method, budget, m
                 max_new_tokens, float(temperature), generator, stats)
     greedy = s.greedy()
     opts = dict(options)
-    if values is not None:
-        value_scorer = _Scorer(values, tokenizer, prompt)
-        opts["value"] = value_scorer
+    if values == Q:
+        opts["value"] = Q
+    elif values is not None:
+        opts["value"] = _Scorer(values, tokenizer, prompt)
     run = {"best_of_n": _best_of_n, "beam": _beam, "mcts": _mcts}[method]
     top = run(s, **opts)
     best = s.best

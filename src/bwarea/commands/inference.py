@@ -149,7 +149,7 @@ def load_model(args):
 
 def generation_options(args, num_actions: int) -> dict:
     """The sampling and action keyword arguments of ``model.generate`` from the parsed options."""
-    from bwarea.serve.views import check_action_options
+    from bwarea.generation.controls import check_request
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
@@ -164,7 +164,7 @@ def generation_options(args, num_actions: int) -> dict:
     if args.action_temperature is not None and args.action_temperature <= 0:
         raise ValueError("--action-temperature must be > 0 (use --action-greedy for argmax actions)")
     actions = args.action if args.action is not None else args.schedule
-    check_action_options(num_actions, actions, args.allowed_actions, args.max_new_tokens)
+    check_request(num_actions, actions, args.allowed_actions, args.max_new_tokens)
     if isinstance(actions, list):  # generate takes one entry per new token: the policy chooses after the list
         actions = actions + [-1] * (args.max_new_tokens - len(actions))
     # Argmax tokens come with argmax actions unless an action temperature asks for sampling, so --greedy is
@@ -179,7 +179,7 @@ def generation_options(args, num_actions: int) -> dict:
 def run_generate(args) -> int:
     import torch
 
-    from bwarea.serve.views import TextStream, encode_prompt
+    from bwarea.display import TextStream, encode_prompt
 
     prompt = read_text(args.prompt, "prompt")
     model, tokenizer = load_model(args)
@@ -228,7 +228,7 @@ def run_generate(args) -> int:
 
 
 def run_actions(args) -> int:
-    from bwarea.serve.views import encode_prompt, label_actions
+    from bwarea.display import encode_prompt, label_actions
 
     text = read_text(args.text, "text")
     model, tokenizer = load_model(args)
@@ -244,7 +244,7 @@ def run_actions(args) -> int:
 
 
 def run_explore(args) -> int:
-    from bwarea.serve.views import encode_prompt, fanout_table
+    from bwarea.display import encode_prompt, fanout_table
 
     text = read_text(args.text, "text")
     model, tokenizer = load_model(args)

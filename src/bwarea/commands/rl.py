@@ -15,6 +15,8 @@ EPILOG = """examples:
             --algo ppo --steps 200 --prompts prompts.jsonl --out runs/mix
   bwarea rl --reward-model ./sentiment-classifier --algo reinforce --out runs/rm
   bwarea rl --env letters --max-turns 3 --out runs/letters             # multi-turn text game
+  bwarea rl --env textworld --games games/ --max-turns 8 --max-new-tokens 12 --model runs/bc --out runs/tw
+                                                     # TextWorld games (pip install 'bwarea[textworld]')
   bwarea rl --task keyword --out runs/love --resume                    # continue from the last checkpoint
   bwarea rl --config rl.yaml --task keyword --out runs/cfg --steps 50  # settings from a file, one overridden
   torchrun --nproc_per_node 2 -m bwarea.cli rl --task length --out runs/len   # 2 CPU processes (gloo)
@@ -93,7 +95,10 @@ def register(subparsers) -> None:
     r.add_argument("--skip-bad-rewards", action="store_true",
                    help="skip (and count) samples whose reward raises or is not a finite number, instead of "
                    "stopping; a step without a usable sample makes no update, a run without any fails")
-    r.add_argument("--env", help="train on a multi-turn environment instead of rewards: letters")
+    r.add_argument("--env", help="train on a multi-turn environment instead of rewards: letters, textworld")
+    r.add_argument("--games", metavar="DIR", help="--env textworld: folder of .z8/.ulx games (searched "
+                   "recursively); each episode plays one, chosen by its seed. The reward is the score gained "
+                   "each turn; a turn's first line is its command; --max-turns caps the commands per episode")
     d = p.add_argument_group("prompts and sampling")
     d.add_argument("--prompts", metavar="FILE", help="one prompt per line, or JSONL with \"prompt\" (default: the "
                    "shipped model's held-out text)")
@@ -114,10 +119,19 @@ def run(args) -> int:
 
     config = build_config(RLConfig, args).resolved()  # defaults <- --config file <- flags, checked
     rewards = None
+    env_options = {}
+    if args.games is not None and args.env != "textworld":
+        raise ValueError("--games is for --env textworld")
     if args.env:
         if args.rewards or args.reward_model:
             raise ValueError("--env gives its own rewards: drop --reward/--task/--reward-model, or drop --env")
-        make_env(args.env)  # an unknown name fails here, before the model loads
+        if args.env == "textworld":
+            if args.games is None:
+                raise ValueError("--env textworld needs --games DIR (a folder of .z8/.ulx games)")
+            env_options = {"games": args.games, "max_turns": config.max_turns}
+        elif args.env == "letters":
+            env_options = {"turns": config.max_turns}
+        make_env(args.env, **env_options)  # an unknown name, missing games or textworld fail here, before loading
     else:
         rewards = build_reward_set(args.rewards, args.reward_weight, args.reward_model, args.reward_model_weight,
                                    skip_bad=args.skip_bad_rewards, timeout=config.reward_timeout,
@@ -128,9 +142,11 @@ def run(args) -> int:
         prompts = load_prompts(args.prompts) if args.prompts else default_prompts(args.prompt_words)
     accelerator = make_accelerator()
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
-    env_factory = (lambda seed: make_env(args.env, seed=seed, turns=config.max_turns)) if args.env else None
-    trainer = RLTrainer(model, tokenizer, config, args.out, rewards=rewards, prompts=prompts, env_factory=env_factory,
-                        base_model=args.model, accelerator=accelerator)
+    env_factory = (lambda seed: make_env(args.env, seed=seed, **env_options)) if args.env else None
+    from ..rl.algorithms import get as get_algorithm  # --algo q trains a Q head in its own trainer
+    trainer_class = getattr(get_algorithm(config.algo), "trainer_class", RLTrainer)
+    trainer = trainer_class(model, tokenizer, config, args.out, rewards=rewards, prompts=prompts,
+                            env_factory=env_factory, base_model=args.model, accelerator=accelerator)
     try:
         history = trainer.train(resume=args.resume, overwrite=args.overwrite)
     except RLStopped as err:  # not bad input but not a bug either: the run could not go on

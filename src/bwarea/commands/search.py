@@ -17,6 +17,8 @@ EPILOG = """examples:
   bwarea search "Once" --reward my_rewards.py:brevity --method beam --budget 800 --branches 4
   bwarea search "The king said" --task length --target-words 6 --method mcts --budget 1000 --cpuct 1.5 \\
                 --root-branches 8 --rollout-action-temperature 0
+  bwarea search "The king said" --task keyword --model runs/q --value q --budget 400   # learned Q, no rollouts
+  bwarea search "The king said" --task keyword --expansion topk --budget 400   # 5/4 tokens per node, not 64
 
 The budget counts world-model token evaluations: a sequence of k new tokens costs k, a fan-out (all the
 actions' next tokens for one context, used to expand an MCTS node) costs the number of actions (64), a beam
@@ -26,12 +28,13 @@ completions, **kwargs) -> list[float] (TRL's signature, as `bwarea rl` takes), g
 package.module:function, or a built-in task (keyword, length, sentiment). See docs/search.md.
 """
 
-# flag -> the method it configures (a flag given for another method is an error, not ignored)
+# flag -> the methods it configures (a flag given for another method is an error, not ignored)
 METHOD_FLAGS = {
-    "n": "best_of_n", "action_temperature": "best_of_n",
-    "beams": "beam", "branches": "beam",
-    "cpuct": "mcts", "root_branches": "mcts", "lower_branches": "mcts", "rounds": "mcts",
-    "rollout_action_temperature": "mcts",
+    "n": ("best_of_n",), "action_temperature": ("best_of_n",),
+    "beams": ("beam",), "branches": ("beam",),
+    "cpuct": ("mcts",), "root_branches": ("mcts",), "lower_branches": ("mcts",), "rounds": ("mcts",),
+    "rollout_action_temperature": ("mcts",), "expansion": ("mcts",),
+    "value": ("mcts", "beam"),
 }
 
 
@@ -76,6 +79,11 @@ def register(subparsers) -> None:
     m.add_argument("--rounds", type=positive_int, help="most rounds (default: as many as the budget pays for)")
     m.add_argument("--rollout-action-temperature", type=non_negative,
                    help="action temperature of the policy's rollouts (default 1; 0: greedy rollouts)")
+    m.add_argument("--expansion", choices=["fanout", "topk"],
+                   help="fanout (default): one fan-out per node, 64 evaluations; topk: only the kept branches' "
+                   "likeliest actions write a token, one evaluation each")
+    m.add_argument("--value", choices=["q"], help="q: value new nodes (mcts) or rank candidates (beam) by the "
+                   "model's learned action-value head (trained by `bwarea rl --algo q`) instead of rollouts")
     b = p.add_argument_group("beam")
     b.add_argument("--beams", type=positive_int, help="beam width (default: as many as the budget pays for)")
     b.add_argument("--branches", type=positive_int, help="actions tried per beam and step (default 4)")
@@ -88,12 +96,13 @@ def register(subparsers) -> None:
 def method_options(args) -> dict:
     """The method's flags that were given; one given for another method is an error naming it."""
     options = {}
-    for name, method in METHOD_FLAGS.items():
+    for name, methods in METHOD_FLAGS.items():
         value = getattr(args, name)
         if value is None:
             continue
-        if method != args.method:
-            raise ValueError(f"--{name.replace('_', '-')} applies to --method {method}, not {args.method}")
+        if args.method not in methods:
+            raise ValueError(f"--{name.replace('_', '-')} applies to --method {' or '.join(methods)}, not "
+                             f"{args.method}")
         options[name] = value
     return options
 
@@ -104,7 +113,7 @@ def run(args) -> int:
 
     from ..rl.rewards import build_reward_set
     from ..search import search
-    from ..serve.views import encode_prompt
+    from ..display import encode_prompt
     from .inference import load_model
 
     options = method_options(args)

@@ -135,7 +135,8 @@ def play_episodes(model, tokenizer, envs: list, *, group: list[int] | None = Non
     A turn: the model continues the transcript, the environment reads what it wrote and answers with
     (observation, reward, done); the observation is appended and the reward is given at the turn's last
     decision. Observation tokens are context, not decisions. ``group`` gives GRPO groups (copies of one
-    environment seed); default one group per environment.
+    environment seed); default one group per environment. An environment with a ``stop`` string (TextWorld: a
+    newline) has its turn cut after the first written token holding it.
     """
     device = next(model.parameters()).device
     limit = model.config.max_position_embeddings
@@ -165,6 +166,10 @@ def play_episodes(model, tokenizer, envs: list, *, group: list[int] | None = Non
             m = out.new_token_mask[row].bool()
             new, acts = out.sequences[row, p:][m].tolist(), out.actions[row][m].tolist()
             logps = out.action_logprobs[row][m].float().tolist()
+            # An environment with a stop string ends the turn at the first token holding it. Stopping there is a
+            # stopping rule on the sampled tokens, so the kept decisions and their log-probs stay on-policy.
+            keep = _stop_cut(new, getattr(envs[i], "stop", None), tokenizer)
+            new, acts, logps = new[:keep], acts[:keep], logps[:keep]
             text = tokenizer.decode(new, skip_special_tokens=True)
             observation, reward, finished = _env_step(envs[i], i, text, timeout)
             tokens[i] += new
@@ -180,6 +185,16 @@ def play_episodes(model, tokenizer, envs: list, *, group: list[int] | None = Non
                 token_logprobs[i] += [0.0] * len(obs_ids)
     return _assemble(tokens, token_actions, token_logprobs, step_rewards, openings, written, group,
                      tokenizer.pad_token_id, device)
+
+
+def _stop_cut(new: list[int], stop: str | None, tokenizer) -> int:
+    """How many of the turn's tokens ``new`` to keep: up to and including the first whose text holds ``stop``."""
+    if not stop:
+        return len(new)
+    for k, token in enumerate(new):
+        if stop in tokenizer.decode([token]):
+            return k + 1
+    return len(new)
 
 
 def _assemble(tokens, token_actions, token_logprobs, step_rewards, openings, written, group, pad_id, device) -> Rollout:

@@ -275,23 +275,27 @@ class RLTrainer:
                 clip_fracs.append(clip_frac)
                 if values is not None:
                     value_losses.append(v_loss.detach())
-        self.step_count += 1
-        if bad:
-            self.bad_streak += 1
-            self.last_bad = bad[-1]
-            if self.acc.is_main_process:
-                tqdm.write(f"rl step {self.step_count}: {len(bad)} of {epochs * c.minibatches} updates skipped: "
-                           f"loss {bad[-1][0]:.4g}, gradient norm {bad[-1][1]:.4g} (not finite)")
-        elif losses:
-            self.bad_streak = 0
-        elif self.acc.is_main_process:
-            tqdm.write(f"rl step {self.step_count}: no usable sample (every reward was skipped); no update")
+        self._end_step(bad, losses, epochs * c.minibatches)
         metrics = self._metrics(rollout, reward_means, start_kl, start_entropy, losses, clip_fracs, value_losses,
                                 time.perf_counter() - t0)
         metrics.update(updates=len(losses), nonfinite_updates=len(bad))
         if self.reward_scale != 1.0:
             metrics["reward_scale"] = self.reward_scale
         return metrics
+
+    def _end_step(self, bad: list, losses: list, planned: int) -> None:
+        """Count the step; keep the streak of steps with non-finite updates and say what was skipped."""
+        self.step_count += 1
+        if bad:
+            self.bad_streak += 1
+            self.last_bad = bad[-1]
+            if self.acc.is_main_process:
+                tqdm.write(f"rl step {self.step_count}: {len(bad)} of {planned} updates skipped: "
+                           f"loss {bad[-1][0]:.4g}, gradient norm {bad[-1][1]:.4g} (not finite)")
+        elif losses:
+            self.bad_streak = 0
+        elif self.acc.is_main_process:
+            tqdm.write(f"rl step {self.step_count}: no usable sample (every reward was skipped); no update")
 
     def _check_policy_finite(self) -> None:
         """RLStopped if an applied update left a NaN/inf weight (finite gradients make that all but

@@ -3,8 +3,9 @@
     create_app(model, tokenizer, limits, allowed_hosts=...) -> FastAPI app; run it with uvicorn (``bwarea serve``).
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions and /v1/chat/completions (OpenAI wire format, SSE
-streaming; openai_routes.py), POST /v1/actions (inverse-dynamics labels of a text), POST /v1/fanout (next
-tokens under each action), GET / (the web explorer, from web/). See docs/serving.md for every field.
+streaming, and a ``search`` object on completions; openai_routes.py), POST /v1/actions (inverse-dynamics labels of
+a text), POST /v1/fanout (next tokens under each action), GET / (the web explorer, from web/). See
+docs/serving.md for every field.
 
 The event loop only moves bytes: request bodies are size-checked while they arrive, parsed and tokenised on a
 thread, and the model runs on the engine's worker. So one large or slow request cannot stall /health or others.
@@ -13,6 +14,8 @@ thread, and the model runs on the engine's worker. So one large or slow request 
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,17 +29,18 @@ from starlette.exceptions import HTTPException
 from . import openai_routes
 from .engine import Engine, Limits, Overloaded
 from .schemas import ActionsRequest, FanoutRequest, RequestError, error_response, parse_json, validation_message
-from .views import check_token_ids, encode_prompt, fanout_table, label_actions
+from ..display import check_token_ids, encode_prompt, fanout_table, label_actions
 
 WEB = Path(__file__).resolve().parent / "web"
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class Server:
-    """What the routes share: the model, its engine and limits, and the request helpers."""
+    """What the routes share: the model, its engine and limits, the search rewards, and the request helpers."""
 
-    def __init__(self, model, tokenizer, limits: Limits, model_id: str):
+    def __init__(self, model, tokenizer, limits: Limits, model_id: str, search_rewards: dict | None = None):
         self.model, self.tokenizer, self.limits, self.model_id = model, tokenizer, limits, model_id
+        self.search_rewards = load_search_rewards(search_rewards or {})
         self.engine = Engine(model, tokenizer, limits)
         self.context = model.config.max_position_embeddings
         self.num_actions = model.config.num_actions
@@ -95,6 +99,36 @@ class Server:
         except ValueError as err:
             raise RequestError(400, str(err), "prompt")
 
+    def search_reward(self, name: str | None):
+        """A request's ``search.reward`` -> (name, reward callable); only rewards the server was started with."""
+        if not self.search_rewards:
+            raise RequestError(400, "this server has no search rewards, so it cannot search: start it with "
+                               "bwarea serve --search-reward NAME=SPEC", "search")
+        if name is None:
+            if len(self.search_rewards) > 1:
+                raise RequestError(400, f"search.reward is required: this server has several rewards "
+                                   f"({', '.join(self.search_rewards)})", "search.reward")
+            name = next(iter(self.search_rewards))
+        if name not in self.search_rewards:
+            raise RequestError(400, f"search.reward {name!r} is not a reward of this server; it has "
+                               f"{', '.join(map(repr, self.search_rewards))}", "search.reward")
+        return name, self.search_rewards[name]
+
+    async def call(self, fn, request: Request, stop: threading.Event):
+        """``engine.call(fn)``, unless the client disconnects first: then ``stop`` is set (fn checks it at its next
+        step, so the worker moves on) and the request ends with 499."""
+        job = asyncio.ensure_future(self.engine.call(fn))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not job.done():
+                stop.set()
+                job.cancel()
+                raise RequestError(499, "the client closed the connection before the search finished")
+            return job.result()
+        finally:
+            gone.cancel()
+
     async def wait(self, ticket, request: Request) -> list[dict]:
         """The choices of a queued completion; if the client disconnects first, its rows stop at the next step."""
         gone = asyncio.create_task(_disconnected(request))
@@ -141,6 +175,42 @@ class HostCheck:
         await self.app(scope, receive, send)
 
 
+REWARD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def parse_search_reward(text: str) -> tuple[str, str]:
+    """A ``--search-reward`` value -> (name, spec): "love=keyword" -> ("love", "keyword"); a bare spec is its own
+    name when it is a valid name ("keyword" -> ("keyword", "keyword"))."""
+    name, sep, spec = text.partition("=")
+    if not sep:
+        name, spec = text, text
+    if not REWARD_NAME.fullmatch(name):
+        raise ValueError(f"--search-reward {text!r}: give NAME=SPEC, NAME being letters, digits, '_', '.' or '-' "
+                         "(the name requests use in search.reward)")
+    if not spec:
+        raise ValueError(f"--search-reward {text!r} names no reward after '='")
+    return name, spec
+
+
+def load_search_rewards(rewards: dict, task_options: dict | None = None) -> dict:
+    """{name: spec string or callable} -> {name: callable}. Specs are what `bwarea rl` takes (a built-in task,
+    file.py:function, module:function), loaded now, at start-up: a request only names one of them, so the
+    server never loads code a request gives."""
+    from ..rl.rewards import load_reward
+
+    loaded = {}
+    for name, reward in rewards.items():
+        if not isinstance(name, str) or not REWARD_NAME.fullmatch(name):
+            raise ValueError(f"search reward name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        if isinstance(reward, str):
+            reward = load_reward(reward, task_options)
+        if not callable(reward):
+            raise ValueError(f"search reward {name!r} must be a callable or a reward spec, got "
+                             f"{type(reward).__name__}")
+        loaded[name] = reward
+    return loaded
+
+
 def allowed_hosts_for(bind_host: str, names: str | None = None) -> list[str]:
     """The Host names ``bwarea serve`` accepts: ``names`` (comma-separated, "*" for any) when given, else the
     local names and the address it listens on (a wildcard address such as 0.0.0.0 is no name a client uses)."""
@@ -162,15 +232,17 @@ def host_name(host: str) -> str:
 
 
 def create_app(model, tokenizer, limits: Limits | None = None, model_id: str | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
+               allowed_hosts: list[str] | None = None, search_rewards: dict | None = None) -> FastAPI:
     """A FastAPI app serving ``model`` (a loaded BWAreaForCausalLM) with ``tokenizer`` under ``limits``.
 
     allowed_hosts: names the Host header may carry ("*" for any); None checks nothing (``bwarea serve`` passes
-    the local names and the bound host by default).
+    the local names and the bound host by default). search_rewards: {name: reward} that ``search`` requests may
+    name, a reward being a callable ``reward(prompts, completions, **kw) -> list[float]`` or a spec as `bwarea rl`
+    takes ("keyword", "file.py:function"); without any, search requests get 400.
     """
     limits = limits or Limits()
     model_id = model_id or Path(str(getattr(model.config, "name_or_path", "") or "bwarea")).name or "bwarea"
-    server = Server(model, tokenizer, limits, model_id)
+    server = Server(model, tokenizer, limits, model_id, search_rewards)
     engine = server.engine
     created = int(time.time())
 
@@ -226,7 +298,9 @@ def create_app(model, tokenizer, limits: Limits | None = None, model_id: str | N
     async def models():
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": created, "owned_by": "bwarea",
-            "max_model_len": server.context, "num_actions": server.num_actions}]}
+            "max_model_len": server.context, "num_actions": server.num_actions,
+            "search": {"rewards": list(server.search_rewards), "max_budget": limits.max_search_budget,
+                       "max_tokens": limits.max_tokens, "timeout_s": limits.search_timeout}}]}
 
     @app.post("/v1/actions")
     async def actions(request: Request):

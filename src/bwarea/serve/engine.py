@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import LogitsProcessorList
 
-from ..sampling_processors import FrequencyPresencePenalty, LogitBias
-from .views import TextStream, token_pieces
+from ..generation import ActionControls
+from ..generation.processors import FrequencyPresencePenalty, LogitBias
+from ..display import TextStream, token_pieces
 
 
 @dataclass
@@ -35,6 +36,8 @@ class Limits:
     queue_size: int = 64               # requests waiting for the worker
     max_top_k: int = 20                # tokens listed per action by /v1/fanout, and logprobs alternatives
     max_body_bytes: int = 1 << 20      # request body size; larger bodies get 413 before they are parsed
+    max_search_budget: int = 2048      # world-model token evaluations one `search` request may spend
+    search_timeout: float = 60.0       # seconds one search may run on the worker (it holds the model meanwhile)
 
 
 class Overloaded(Exception):
@@ -338,11 +341,15 @@ class Engine:
         processors = self._processors(rows, width)
         if processors:
             extra["logits_processor"] = processors
+        # Each row's own action controls, checked when the request came in, as one batch's tensors.
+        controls = ActionControls.per_row(model.config.num_actions, steps, device,
+                                          [r.job.request.actions for r in rows],
+                                          [r.job.request.allowed_actions for r in rows])
         return model.generate(
             ids.to(device), mask.to(device), max_new_tokens=steps, do_sample=request.temperature > 0,
             temperature=request.temperature if request.temperature > 0 else 1.0, top_p=request.top_p,
             top_k=request.top_k, repetition_penalty=request.repetition_penalty, pad_token_id=pad,
-            actions=self._action_schedule(rows, steps), allowed_actions=self._allowed_mask(rows),
+            actions=controls.schedule, allowed_actions=controls.allowed,
             action_greedy=request.action_greedy, action_temperature=request.action_temperature,
             step_callback=on_step, generator=generator, return_dict_in_generate=True, **extra)
 
@@ -356,30 +363,6 @@ class Engine:
         if any(q.logit_bias for q in requests):
             processors.append(LogitBias([q.logit_bias or {} for q in requests], self.model.config.vocab_size))
         return processors or None
-
-    def _action_schedule(self, rows: list[_Row], steps: int) -> torch.Tensor | None:
-        """(B, steps) actions, -1 where the policy chooses; None when every row leaves it to the policy."""
-        if all(r.job.request.actions is None for r in rows):
-            return None
-        schedule = torch.full((len(rows), steps), -1, dtype=torch.long)
-        for b, r in enumerate(rows):
-            actions = r.job.request.actions
-            if isinstance(actions, int):
-                schedule[b] = actions
-            elif actions:
-                schedule[b, :len(actions)] = torch.tensor(actions)
-        return schedule.to(self.model.device)
-
-    def _allowed_mask(self, rows: list[_Row]) -> torch.Tensor | None:
-        """(B, num_actions) bool, True where the policy may choose; None when no row restricts it."""
-        if all(r.job.request.allowed_actions is None for r in rows):
-            return None
-        mask = torch.ones((len(rows), self.model.config.num_actions), dtype=torch.bool)
-        for b, r in enumerate(rows):
-            if r.job.request.allowed_actions is not None:
-                mask[b] = False
-                mask[b, r.job.request.allowed_actions] = True
-        return mask.to(self.model.device)
 
     def _scores(self, row: _Row, k: int) -> tuple[list, list]:
         """Log-probs of a finished row's prompt and new tokens under BWArea as a language model.

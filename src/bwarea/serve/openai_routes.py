@@ -1,23 +1,31 @@
-"""The OpenAI routes: POST /v1/completions and POST /v1/chat/completions.
+"""The OpenAI routes: POST /v1/completions (with an optional ``search`` object) and POST /v1/chat/completions.
 
 Both validate everything that needs no tokenizer first (limits, sizes, field combinations), then tokenise off
-the event loop, queue the job on the engine and wait for it, dropping its rows if the client goes away.
+the event loop, queue the job on the engine and wait for it, dropping its rows if the client goes away. A
+completion with ``search`` runs ``bwarea.search.search`` as one call on the engine's worker, in turn with
+generation, under the server's search limits (budget, max_tokens, time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 
+import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..generation import GREEDY_BELOW
+from ..rl.rewards import Reward, RewardError, RewardSet, RewardTimeout
+from ..search import search
 from .engine import Completion
-from .schemas import ChatRequest, CompletionRequest, RequestError, SamplingFields, error_body
-from .views import check_action_options
+from .schemas import (SEARCH_OPTION_METHODS, ChatRequest, CompletionRequest, RequestError, SamplingFields,
+                      error_body)
+from ..display import TextStream
+from ..generation.controls import check_request
 
 # A base model has no chat format of its own: messages become role lines and the model continues after
 # "Assistant:"; a new role line ends its turn.
@@ -42,6 +50,8 @@ def register(app, server) -> None:
     async def completions(request: Request):
         body = await server.read(request, CompletionRequest)
         server.check_model(body.model)
+        if body.search is not None:
+            return await search_completion(body, request)
         check_sampling(body)
         if body.suffix is not None:
             raise RequestError(400, "suffix is not supported: BWArea writes left to right and cannot fill in text "
@@ -114,6 +124,133 @@ def register(app, server) -> None:
             {"index": c["index"], "message": {"role": "assistant", "content": c["text"].lstrip()}, "logprobs": None,
              "finish_reason": c["finish_reason"]} for c in choices]}
 
+    async def search_completion(body: CompletionRequest, request: Request) -> dict:
+        """A completion found by searching over actions for what a server reward scores highest."""
+        options = body.search
+        check_search_fields(body)
+        reward_name, reward_fn = server.search_reward(options.reward)
+        if body.max_tokens > limits.max_tokens:
+            raise RequestError(400, f"max_tokens {body.max_tokens} is above this server's limit {limits.max_tokens} "
+                               "(bwarea serve --max-tokens)", "max_tokens")
+        if body.max_tokens < 1:
+            raise RequestError(400, "max_tokens 0 writes nothing to search over: a search needs max_tokens >= 1",
+                               "max_tokens")
+        if options.budget > limits.max_search_budget:
+            raise RequestError(400, f"search.budget {options.budget} is above this server's limit "
+                               f"{limits.max_search_budget} world-model token evaluations "
+                               "(bwarea serve --max-search-budget)", "search.budget")
+        if options.budget < body.max_tokens:
+            raise RequestError(400, f"search.budget {options.budget} is below max_tokens {body.max_tokens}: every "
+                               "search first writes the policy's greedy sequence, so the budget must pay for at "
+                               "least that", "search.budget")
+        method_options = {}
+        for name in sorted(options.model_fields_set - {"method", "budget", "reward"}):
+            value = getattr(options, name)
+            if value is None:
+                continue
+            if SEARCH_OPTION_METHODS[name] != options.method:
+                raise RequestError(400, f"search.{name} is an option of method {SEARCH_OPTION_METHODS[name]!r}, not "
+                                   f"of {options.method!r}: leave it out or change search.method", f"search.{name}")
+            method_options[name] = value
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise RequestError(400, f"a search takes one prompt; this request has {len(prompt)}: send one "
+                                   "request per prompt", "prompt")
+            prompt = prompt[0]
+        ids = await asyncio.to_thread(server.prompt_ids, prompt, body.max_tokens)
+        # The search's own default is 0 (argmax tokens: a search over actions alone), not OpenAI's 1.
+        temperature = body.temperature if "temperature" in body.model_fields_set else 0.0
+        temperature = 0.0 if temperature < GREEDY_BELOW else temperature
+        seed = None if body.seed is None else body.seed % 2**64  # as torch reads a negative seed
+        stop = threading.Event()
+        run = search_job(ids, reward_name, reward_fn, options, method_options, body.max_tokens, temperature, seed,
+                         body.return_actions, stop)
+        found = await server.call(run, request, stop)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": server.model_id}
+        written = len(found["token_ids"])
+        return {**meta, "choices": [found["choice"]], "usage": {
+            "prompt_tokens": len(ids), "completion_tokens": written, "total_tokens": len(ids) + written},
+            "search": found["search"]}
+
+    def search_job(ids, reward_name, reward_fn, options, method_options, max_tokens, temperature, seed,
+                   return_actions, stop: threading.Event):
+        """The function the worker runs: the search, then the choice and the ``search`` field of the response.
+
+        The search stops at its next paid step or reward call once its client has gone (``stop``) or its time is
+        up; a reward call itself is abandoned after the time limit (RewardSet's timeout).
+        """
+        timeout = limits.search_timeout
+        over_time = RequestError(400, f"the search ran past this server's time limit of {timeout:g} s (bwarea "
+                                 "serve --search-timeout); ask for a smaller search.budget or max_tokens", "search")
+        gone = RequestError(499, "the client closed the connection before the search finished")
+
+        def run() -> dict:
+            deadline = time.monotonic() + timeout
+
+            def check() -> None:
+                if stop.is_set():
+                    raise gone
+                if time.monotonic() > deadline:
+                    raise over_time
+
+            def reward(prompts, completions, **kwargs):
+                check()  # RewardSet reports what a reward raises as a RewardError, sorted out below
+                return reward_fn(prompts=prompts, completions=completions, **kwargs)
+
+            rewards = RewardSet([Reward(reward_name, reward)], timeout=timeout)
+            try:
+                result = search(server.model, torch.tensor(ids), tokenizer=server.tokenizer, reward=rewards,
+                                method=options.method, budget=options.budget, max_new_tokens=max_tokens, seed=seed,
+                                temperature=temperature, progress=lambda spent, budget: check(), **method_options)
+            except RewardError as err:
+                check()  # stopped by the client or the clock: say so, rather than blame the reward
+                if isinstance(err, RewardTimeout):
+                    raise over_time from None
+                # The server's reward failed, not the request.
+                raise RequestError(500, f"the search reward {reward_name!r} failed: {err}", "search") from err
+            except ValueError as err:  # search arguments that do not fit together (e.g. n too large for budget)
+                raise RequestError(400, f"search: {err}", "search") from err
+            return {"choice": search_choice(result, ids, return_actions), "token_ids": result.completion_ids,
+                    "search": search_field(result, reward_name)}
+
+        return run
+
+    def search_choice(result, ids: list[int], return_actions: bool) -> dict:
+        """The searched completion as a completions choice (EOS, when written, adds no text, as in generation)."""
+        eos = server.model.config.eos_token_id
+        eos = {eos} if isinstance(eos, int) else set(eos or ())
+        token_ids = result.completion_ids
+        finish = "stop" if token_ids and token_ids[-1] in eos else "length"
+        choice = {"index": 0, "text": result.completion, "logprobs": None, "finish_reason": finish}
+        if return_actions:
+            stream = TextStream(server.tokenizer, ids)
+            pieces = ["" if t in eos else stream.piece(t) for t in token_ids]
+            # The policy's log-probability of each chosen action (temperature 1), as generation reports it.
+            seq = torch.tensor([result.sequence], device=server.model.device)
+            logp = torch.log_softmax(server.model.policy_logits(seq)[0].float(), dim=-1)
+            action_logprobs = [float(logp[len(ids) - 1 + t, a]) for t, a in enumerate(result.actions)]
+            choice.update(tokens=pieces, token_ids=token_ids, actions=result.actions, action_logprobs=action_logprobs)
+        return choice
+
+    def search_field(result, reward_name: str) -> dict:
+        st = result.stats
+        return {"method": result.method, "reward_name": reward_name, "reward": result.reward,
+                "actions": result.actions,
+                "greedy": {"text": result.greedy_completion, "actions": result.greedy_actions,
+                           "reward": result.greedy_reward},
+                "stats": {"evaluations": st.evaluations, "budget": st.budget, "nodes": st.nodes, "rounds": st.rounds,
+                          "fanouts": st.fanouts, "sequences": st.sequences, "seconds": round(st.wall_time, 4)},
+                "top": result.top}
+
+    def check_search_fields(body: CompletionRequest) -> None:
+        """Fields a search does not apply are refused by name, never ignored."""
+        for name, why in SEARCH_REFUSES.items():
+            value = getattr(body, name)
+            if value != CompletionRequest.model_fields[name].default and not (name == "best_of" and value == 1):
+                raise RequestError(400, f"{name} cannot be used with search: {why}", name)
+
     def check_sampling(body: SamplingFields) -> None:
         """Checks both routes share, none of which needs the tokenizer."""
         if body.stream_options is not None and not body.stream:
@@ -122,11 +259,11 @@ def register(app, server) -> None:
         if body.n > limits.max_n:
             raise RequestError(400, f"n {body.n} is above this server's limit {limits.max_n}", "n")
         try:
-            check_action_options(server.num_actions, body.actions, None)
+            check_request(server.num_actions, body.actions, None)
         except ValueError as err:
             raise RequestError(400, str(err), "actions")
         try:
-            check_action_options(server.num_actions, body.actions, body.allowed_actions)
+            check_request(server.num_actions, body.actions, body.allowed_actions)
         except ValueError as err:
             raise RequestError(400, str(err), "allowed_actions")
         for key in body.logit_bias or {}:
@@ -229,6 +366,24 @@ def register(app, server) -> None:
         prompt = sum(len(p) for p in job.prompts)
         completion = sum(len(c["token_ids"]) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# Completion fields a search request must leave at their defaults, and why.
+_TOKEN_SAMPLING = ("the search writes each token by argmax under its action (or samples it at `temperature`), so "
+                   "this sampling control would not apply")
+_ACTIONS = "the search chooses the actions; steer it with the options in the search object"
+SEARCH_REFUSES = {
+    "n": "a search returns one completion, the best it found; leave n at 1",
+    "best_of": "a search already keeps its best completion, by the reward; leave best_of out",
+    "stream": "the best completion is known only when the search ends; ask without stream",
+    "stream_options": "a search is not streamed",
+    "echo": "not offered with search; ask for the prompt's logprobs in a separate request",
+    "logprobs": "not offered with search; score the returned text with echo and max_tokens 0 in a separate request",
+    "stop": "the search scores whole completions of max_tokens tokens (or up to EOS); stop strings are not applied",
+    "top_p": _TOKEN_SAMPLING, "top_k": _TOKEN_SAMPLING, "repetition_penalty": _TOKEN_SAMPLING,
+    "frequency_penalty": _TOKEN_SAMPLING, "presence_penalty": _TOKEN_SAMPLING, "logit_bias": _TOKEN_SAMPLING,
+    "actions": _ACTIONS, "allowed_actions": _ACTIONS, "action_temperature": _ACTIONS, "action_greedy": _ACTIONS,
+}
 
 
 def stop_list(body: SamplingFields) -> list[str]:

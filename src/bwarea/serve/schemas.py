@@ -49,6 +49,36 @@ class SamplingFields(StrictModel):
     action_greedy: bool | None = None
 
 
+class SearchOptions(StrictModel):
+    """The ``search`` object of /v1/completions: search over actions for the completion a server reward scores
+    highest (bwarea.search). The method options are those of ``bwarea search``; one given for another method is a
+    400 naming it."""
+
+    method: Literal["mcts", "beam", "best_of_n"] = "mcts"
+    budget: Annotated[int, Field(ge=1)]  # world-model token evaluations
+    reward: str | None = None  # a name given to `bwarea serve --search-reward NAME=SPEC`
+    # best_of_n
+    n: Annotated[int, Field(ge=1)] | None = None
+    action_temperature: Annotated[float, Field(gt=0)] | None = None
+    # beam
+    beams: Annotated[int, Field(ge=1)] | None = None
+    branches: Annotated[int, Field(ge=1)] | None = None
+    # mcts
+    cpuct: Annotated[float, Field(ge=0)] | None = None
+    root_branches: Annotated[int, Field(ge=1)] | None = None
+    lower_branches: Annotated[int, Field(ge=1)] | None = None
+    rounds: Annotated[int, Field(ge=1)] | None = None
+    rollout_action_temperature: Annotated[float, Field(ge=0)] | None = None
+    expansion: Literal["fanout", "topk"] | None = None
+    value: Literal["q"] | None = None  # the model's learned action-value head (bwarea rl --algo q)
+
+
+# search option -> the method that takes it
+SEARCH_OPTION_METHODS = {"n": "best_of_n", "action_temperature": "best_of_n", "beams": "beam", "branches": "beam",
+                         "cpuct": "mcts", "root_branches": "mcts", "lower_branches": "mcts", "rounds": "mcts",
+                         "rollout_action_temperature": "mcts", "expansion": "mcts", "value": "mcts"}
+
+
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     suffix: str | None = None
@@ -57,6 +87,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: Annotated[int, Field(ge=0)] | None = None
     return_actions: bool = False
+    search: SearchOptions | None = None
 
 
 class TextPart(StrictModel):

@@ -6,6 +6,10 @@
 The inverse dynamics labels every position of the stage-1 data with its action; the policy learns to predict
 that action from the tokens so far. Its accuracy and cross-entropy are logged; at evaluation the exact LM
 perplexity of the whole model (``lm_log_likelihood``) is measured too, since that is what the policy is for.
+
+By default the last ``posterior_fraction`` of the steps then train on the world model's posterior over actions
+(the exact LM likelihood), with the learning rate warmed up again: cloning the inverse dynamics is the cheap,
+fast start; the posterior phase fits what the policy is for (held-out lm_ppl, docs/training.md "Stage 2").
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import BWAreaForCausalLM, Policy
-from .loop import Stage, copy_tokenizer, save_state_dict
+from .loop import Stage, copy_tokenizer, save_state_dict, warmup_cosine
 from .settings import BCConfig
 from .vq import squared_distances, usage_metrics
 
@@ -31,10 +35,14 @@ class PolicyCloning(nn.Module):
     """
 
     def __init__(self, model: BWAreaForCausalLM, targets: str = "inverse", soft_temperature: float = 1.0,
-                 eval_lm: bool = True):
+                 eval_lm: bool = True, posterior_from: int | None = None):
         super().__init__()
         self.model = model
         self.targets, self.soft_temperature, self.eval_lm = targets, soft_temperature, eval_lm
+        # From optimiser step ``posterior_from`` on, the targets are the posterior. The steps done live in a
+        # buffer so that they travel with the checkpoint: a resumed run continues in the right phase.
+        self.posterior_from = posterior_from
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         for frozen in (model.world_model, model.inverse_dynamics, model.action_codebook):
             frozen.requires_grad_(False)
 
@@ -51,21 +59,29 @@ class PolicyCloning(nn.Module):
                  "correct": (flat_logits.argmax(-1) == flat_target).sum().float(),
                  "code_counts": torch.bincount(flat_target, minlength=logits.shape[-1]).float()}
         loss = ce
-        if self.targets == "soft":
+        targets = self.current_targets()
+        if targets == "soft":
             with torch.no_grad():
                 dist = squared_distances(latents.float().reshape(-1, latents.shape[-1]),
                                          self.model.action_codebook.embed.weight.float())
                 soft = torch.softmax(-dist / self.soft_temperature, dim=-1)
             loss = -(soft * torch.log_softmax(flat_logits, dim=-1)).sum(-1).mean()
-        if self.targets == "posterior" and not evaluation:
+        if targets == "posterior" and not evaluation:
             # The frozen world model carries no gradient; only log pi inside the logsumexp does.
             lm_nll = -self.model.lm_log_likelihood(input_ids).float().sum()
-            stats["lm_nll_sum"] = lm_nll.detach()
+            stats["lm_nll_sum"], stats["lm_tokens"] = lm_nll.detach(), stats["tokens"]
             loss = lm_nll / tokens
         elif evaluation and self.eval_lm:
             with torch.no_grad():
                 stats["lm_nll_sum"] = -self.model.lm_log_likelihood(input_ids).float().sum()
+                stats["lm_tokens"] = stats["tokens"]
         return {"loss": loss, "stats": stats}
+
+    def current_targets(self) -> str:
+        """The targets of the step about to run: --targets, or "posterior" once its phase has begun."""
+        if self.posterior_from is not None and int(self.steps_done) >= self.posterior_from:
+            return "posterior"
+        return self.targets
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -80,7 +96,9 @@ class PolicyCloning(nn.Module):
         ce = float(stats["ce_sum"] / tokens)
         out = {"bc_ce": ce, "bc_accuracy": float(stats["correct"] / tokens), **usage_metrics(stats["code_counts"])}
         if "lm_nll_sum" in stats:
-            out["lm_ppl"] = math.exp(min(float(stats["lm_nll_sum"] / tokens), 50.0))
+            # Its own token count: a logging window that spans the switch to the posterior phase has the LM
+            # likelihood of its posterior steps only.
+            out["lm_ppl"] = math.exp(min(float(stats["lm_nll_sum"] / stats["lm_tokens"]), 50.0))
         return out
 
 
@@ -120,7 +138,26 @@ class BCStage(Stage):
         if wrong:
             raise ValueError(f"the shape given does not match the model in {config.model}: " + "; ".join(wrong))
         self.config = config
-        return PolicyCloning(model, config.targets, config.soft_temperature, config.eval_lm).train()
+        tail = config.posterior_steps()
+        return PolicyCloning(model, config.targets, config.soft_temperature, config.eval_lm,
+                             posterior_from=config.max_steps - tail if tail else None).train()
+
+    def lr_factor(self, config: BCConfig):
+        """Warm-up + cosine over the --targets phase; with a posterior phase, again over it (a short warm-up,
+        peak --posterior-lr): the new objective starts at a high learning rate, as a separate run would."""
+        tail = config.posterior_steps()
+        first = warmup_cosine(config.warmup_steps, config.max_steps - tail, config.min_lr_ratio)
+        if not tail:
+            return first
+        start, scale = config.max_steps - tail, (config.posterior_lr or config.lr) / config.lr
+        second = warmup_cosine(min(config.warmup_steps, max(1, tail // 10)), tail, config.min_lr_ratio)
+        return lambda step: first(step) if step < start else scale * second(step - start)
+
+    def after_step(self, objective: PolicyCloning, step: int, stats: dict, accelerator, optimizer) -> dict:
+        objective.steps_done.fill_(step)
+        if objective.posterior_from is None:
+            return {}
+        return {"posterior_phase": float(step > objective.posterior_from)}  # the targets of the step just done
 
     def initialise(self, objective: PolicyCloning, batches, accelerator) -> None:
         if self.config.policy_init == "world":

@@ -157,6 +157,9 @@ def check_run_folder(out: Path, name: str, config, resumable, resume: bool, over
             saved = json.loads((out / RUN_CONFIG).read_text())
         except (OSError, ValueError):
             raise ValueError(f"cannot resume {out}: its {RUN_CONFIG} is missing or damaged") from None
+        # A setting added after the run was written is absent from its record: it ran as that setting's
+        # ``RESUME_DEFAULTS`` value (the behaviour before the setting existed).
+        saved = {**getattr(config, "RESUME_DEFAULTS", {}), **saved}
         saved = {k: v for k, v in saved.items() if k not in resumable}
         wanted = {"stage": name, **identity(config, resumable)}
         changed = [f"{k}: run has {saved.get(k)!r}, now {wanted.get(k)!r}"

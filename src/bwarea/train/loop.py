@@ -66,6 +66,10 @@ class Stage:
     def initialise(self, objective, batches, accelerator) -> None:
         """Fresh runs only, before training (k-means codebook init, policy init)."""
 
+    def lr_factor(self, config):
+        """step -> LR multiplier of the peak --lr (bc overrides it: its posterior phase warms up again)."""
+        return warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio)
+
     def after_step(self, objective, step: int, stats: dict, accelerator, optimizer) -> dict:
         """After each optimiser step, with the step's statistics summed over micro-batches and processes."""
         return {}
@@ -215,7 +219,7 @@ class Trainer:
             stage.initialise(objective, first, accelerator)
         optimizer = make_optimizer(objective, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(config.warmup_steps, config.max_steps, config.min_lr_ratio))
+            optimizer, stage.lr_factor(config))
         self.objective, self.optimizer = accelerator.prepare(objective, optimizer)
         # Not prepared: a prepared scheduler steps once per process; this one steps once per optimiser step.
         accelerator.register_for_checkpointing(self.scheduler)

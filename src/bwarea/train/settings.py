@@ -227,6 +227,10 @@ class PretrainConfig(TrainConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+# bc's default: the last quarter of its steps optimise the LM likelihood itself (docs/training.md, "Stage 2").
+DEFAULT_POSTERIOR_FRACTION = 0.25
+
+
 @dataclass
 class BCConfig(TrainConfig):
     """Stage-2 settings. ``model`` is the stage-1 folder; the tokenizer defaults to the one stored there, and
@@ -253,6 +257,11 @@ class BCConfig(TrainConfig):
                            "codebook distances, or the world model's posterior given the next token (optimises "
                            "lm_ppl; slower)", choices=("inverse", "soft", "posterior"))
     soft_temperature: float = setting(1.0, "temperature of --targets soft")
+    posterior_fraction: float | None = setting(
+        None, "share of --max-steps, at the end, trained on the world model's posterior (the exact LM "
+        f"likelihood) after the --targets phase, the learning rate warmed up again; 0 = off (default "
+        f"{DEFAULT_POSTERIOR_FRACTION} with inverse or soft targets; with --targets posterior every step is one)")
+    posterior_lr: float | None = setting(None, "peak learning rate of the posterior phase (default --lr)")
     eval_lm: bool = setting(True, "measure lm_ppl when validating")
     # The shape comes from --model; shape settings given anyway must agree with it (a guard for scripts).
     hidden_size: int | None = setting(None, "model width (bc: taken from --model; checked if given)")
@@ -260,6 +269,9 @@ class BCConfig(TrainConfig):
     heads: int | None = setting(None, "attention heads (bc: taken from --model; checked if given)")
     kv_heads: int | None = setting(None, "key/value heads (bc: taken from --model; checked if given)")
     intermediate_size: int | None = setting(None, "MLP width (bc: taken from --model; checked if given)")
+
+    # Runs written before the posterior phase existed had none: they resume with --posterior-fraction 0.
+    RESUME_DEFAULTS = {"posterior_fraction": 0.0, "posterior_lr": None}
 
     def check(self) -> None:
         if not self.model:
@@ -277,8 +289,26 @@ class BCConfig(TrainConfig):
             raise ValueError(f"targets must be inverse, soft or posterior, got {self.targets!r}")
         if self.soft_temperature <= 0:
             raise ValueError(f"soft_temperature must be > 0, got {self.soft_temperature}")
+        if self.posterior_fraction is None:
+            self.posterior_fraction = 0.0 if self.targets == "posterior" else DEFAULT_POSTERIOR_FRACTION
+        if not 0 <= self.posterior_fraction <= 1:
+            raise ValueError(f"posterior_fraction must lie in [0, 1], got {self.posterior_fraction}")
+        if self.targets == "posterior" and self.posterior_fraction > 0:
+            raise ValueError("posterior_fraction applies after --targets inverse or soft; with --targets posterior "
+                             f"every step is trained on the posterior already (got {self.posterior_fraction})")
+        if self.posterior_lr is not None and not self.posterior_lr > 0:
+            raise ValueError(f"posterior_lr must be > 0, got {self.posterior_lr}")
+        if self.posterior_lr is not None and not self.posterior_steps():
+            raise ValueError(f"posterior_lr={self.posterior_lr} is given but there is no posterior phase "
+                             "(posterior_fraction is 0 or --max-steps too few)")
         if self.policy_layers is not None and self.policy_layers < 1:
             raise ValueError(f"policy_layers must be >= 1, got {self.policy_layers}")
+
+    def posterior_steps(self) -> int:
+        """The number of final steps trained on the posterior after the --targets phase (0: none)."""
+        if not self.posterior_fraction or self.targets == "posterior":
+            return 0
+        return min(self.max_steps, max(1, round(self.max_steps * self.posterior_fraction)))
 
 
 def stage1_block_size(model_dir) -> int:

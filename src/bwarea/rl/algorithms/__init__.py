@@ -5,6 +5,8 @@
     grpo.py       GRPO: group-normalised rewards, clipped ratio
     ppo.py        PPO: a value head, GAE, whitening, clipped ratio, several epochs
     rloo.py       RLOO: the whole completion as one action, leave-one-out baseline (Ahmadian et al. 2024)
+    q.py          Q: a learned action-value head Q(s, a) on the policy trunk, TD with a target network; trains
+                  only that head (its own trainer, ``trainer_class``), for search (``bwarea.search``)
 
 A new algorithm is one file defining ``ALGORITHM`` (an ``Algorithm`` subclass) and one line in ``REGISTRY``.
 Every algorithm adds the exact KL(pi || pi_ref) over the actions at each decision and an optional entropy
@@ -19,7 +21,7 @@ import importlib
 from ...lazy import lazy_attributes
 
 # name -> the module (in this package) defining it
-REGISTRY = {"reinforce": "reinforce", "grpo": "grpo", "ppo": "ppo", "rloo": "rloo"}
+REGISTRY = {"reinforce": "reinforce", "grpo": "grpo", "ppo": "ppo", "rloo": "rloo", "q": "q"}
 ALGORITHMS = tuple(REGISTRY)
 
 # helpers -> the module defining them (loaded on first use: ``from bwarea.rl import algorithms as alg; alg.gae``)
@@ -29,6 +31,7 @@ _HELPERS = {
                                  "reinforce_loss", "clipped_loss")},
     "leave_one_out_baseline": "reinforce", "reinforce_advantages": "reinforce", "grpo_advantages": "grpo",
     "gae": "ppo", "whiten": "ppo", "value_loss": "ppo",
+    "td_targets": "q", "td_loss": "q", "expected_values": "q",
 }
 
 

@@ -1,9 +1,10 @@
 // The BWArea action explorer: labels the prompt with inverse-dynamics actions, shows the next token under every
-// action (fan-out), and streams generation with each token's action. Talks only to the server that served it.
+// action (fan-out), streams generation with each token's action, and shows a search over actions beside the
+// policy's greedy completion. Talks only to the server that served it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { timer: null, seq: 0, numActions: 64, controller: null, generated: "" };
+const state = { timer: null, seq: 0, numActions: 64, controller: null, generated: "", searchRewards: [] };
 
 // Each action gets its own colour, as far from every other action's as the page can make it: candidates span
 // hues, two saturations and eight lightness levels; action 0 takes the first, and each next action the
@@ -285,16 +286,101 @@ async function generate() {
   }
 }
 
+// ----- search: the searched completion under the policy's greedy one ------------------------------------------
+function renderCompletion(box, prompt, choice, diverged) {
+  box.replaceChildren(tokenSpan(prompt, null, "the prompt", "prompt"));
+  choice.tokens.forEach((piece, i) => {
+    const action = choice.actions[i];
+    const tip = `action ${action} · ${JSON.stringify(piece)} (id ${choice.token_ids[i]})`;
+    box.appendChild(tokenSpan(piece || "\u00b7", action, tip, i >= diverged ? "diverged" : ""));
+  });
+}
+
+function formatReward(value) {
+  return Number.isInteger(value) ? String(value) : value.toFixed(3);
+}
+
+async function runSearch() {
+  const prompt = $("prompt").value;
+  const maxTokens = Number($("search-tokens").value);
+  const search = {
+    method: $("search-method").value,
+    budget: Number($("search-budget").value),
+    reward: $("search-reward").value,
+  };
+  const box = $("search-result");
+  box.dataset.state = "running";
+  $("search").disabled = true;
+  setStatus(`searching (${search.method}, budget ${search.budget})…`);
+  try {
+    // Both go through /v1/completions and run on the server's worker in turn. The greedy completion (temperature
+    // 0: argmax actions and tokens) is the sequence every search scores first, so its reward comes with the search.
+    const [found, greedy] = await Promise.all([
+      api("v1/completions", { prompt, max_tokens: maxTokens, seed: Number($("search-seed").value),
+                              return_actions: true, search }),
+      api("v1/completions", { prompt, max_tokens: maxTokens, temperature: 0, return_actions: true }),
+    ]);
+    const g = greedy.choices[0], s = found.choices[0], info = found.search;
+    let diverged = 0;  // tokens from the first step where the search left the greedy path are underlined
+    while (diverged < Math.min(s.token_ids.length, g.token_ids.length)
+           && s.token_ids[diverged] === g.token_ids[diverged] && s.actions[diverged] === g.actions[diverged]) {
+      diverged += 1;
+    }
+    renderCompletion($("greedy-output"), prompt, g, Infinity);
+    renderCompletion($("search-output"), prompt, s, diverged);
+    $("greedy-reward").textContent = g.text === info.greedy.text ? `reward ${formatReward(info.greedy.reward)}`
+      : "(not the search's greedy sequence: reward unknown)";
+    $("search-label").textContent = `search (${info.method})`;
+    $("search-reward-value").textContent = `reward ${formatReward(info.reward)}`;
+    const st = info.stats;
+    $("search-stats").textContent = `${st.evaluations} of ${st.budget} world-model token evaluations · ${st.nodes} `
+      + `nodes · ${st.rounds} rounds · ${st.sequences} sequences scored · ${st.seconds.toFixed(2)} s`;
+    box.dataset.state = "done";
+    setStatus(`searched: reward ${formatReward(info.reward)} (greedy ${formatReward(info.greedy.reward)})`);
+  } catch (err) {
+    box.dataset.state = "error";
+    setStatus(err.message, true);
+  } finally {
+    $("search").disabled = state.searchRewards.length === 0;
+  }
+}
+
+function setUpSearch(limits) {
+  const select = $("search-reward");
+  state.searchRewards = (limits && limits.rewards) || [];
+  for (const name of state.searchRewards) {
+    const option = document.createElement("option");
+    option.value = name;
+    option.textContent = name;
+    select.appendChild(option);
+  }
+  if (!state.searchRewards.length) {
+    const option = document.createElement("option");
+    option.textContent = "none: start the server with --search-reward";
+    select.appendChild(option);
+    select.disabled = true;
+    $("search").disabled = true;
+    return;
+  }
+  $("search-budget").max = limits.max_budget;
+  $("search-budget").value = Math.min(Number($("search-budget").value), limits.max_budget);
+  $("search-tokens").max = limits.max_tokens;
+  $("search-tokens").value = Math.min(Number($("search-tokens").value), limits.max_tokens);
+}
+
 async function init() {
   const select = $("action-mode");
+  let searchLimits = null;
   try {
     const models = await api("v1/models");
     const info = models.data[0];
     state.numActions = info.num_actions || 64;
     $("model").textContent = `${info.id} · ${state.numActions} actions · context ${info.max_model_len}`;
+    searchLimits = info.search;
   } catch (err) {
     setStatus(err.message, true);
   }
+  setUpSearch(searchLimits);
   for (let a = 0; a < state.numActions; a++) {
     const option = document.createElement("option");
     option.value = String(a);
@@ -305,6 +391,7 @@ async function init() {
   $("generate").addEventListener("click", generate);
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("use-output").addEventListener("click", () => appendToPrompt(state.generated));
+  $("search").addEventListener("click", runSearch);
   update();
 }
 

@@ -1,6 +1,7 @@
 """What people see of a model: prompt tokens, their actions, fan-out tables and streamed text.
 
-Shared by the CLI verbs and the server, so both show the same numbers. Every function here takes a model and
+Shared by the CLI verbs and the server (it lives outside ``serve/`` so the CLI never imports the server), so
+both show the same numbers. Every function here takes a model and
 tokenizer that are already loaded and runs under ``torch.inference_mode``.
 
 Convention: the action *of a token* is the action that produced it. The inverse dynamics labels position t with
@@ -30,37 +31,6 @@ def encode_prompt(tokenizer, text: str, limit: int, why: str = "") -> list[int]:
     if len(ids) > limit:
         raise ValueError(f"the prompt is {len(ids)} tokens long; the limit is {limit}{why}")
     return list(ids)
-
-
-def check_action_options(num_actions: int, actions=None, allowed=None, max_new_tokens: int | None = None):
-    """Validate the action controls of a generation request; ValueError naming the bad value.
-
-    actions: None (the policy chooses), an int for every new token, or a schedule (list, one entry per new token,
-    -1 = the policy chooses; shorter than max_new_tokens means the policy chooses after it).
-    allowed: None or a non-empty list of the actions that may be used; fixed actions must be among them.
-    """
-    def valid(a, extra=()):
-        return not isinstance(a, bool) and isinstance(a, int) and (0 <= a < num_actions or a in extra)
-
-    if isinstance(actions, list):
-        bad = [a for a in actions if not valid(a, (-1,))]
-        if bad:
-            raise ValueError(f"action schedule entry {bad[0]!r} is outside [0, {num_actions}) (or -1 for the policy)")
-        if max_new_tokens is not None and len(actions) > max_new_tokens:
-            raise ValueError(f"the action schedule has {len(actions)} entries but at most {max_new_tokens} tokens "
-                             "are generated")
-    elif actions is not None and not valid(actions):
-        raise ValueError(f"action {actions!r} is outside [0, {num_actions})")
-    if allowed is not None:
-        if not allowed:
-            raise ValueError("allowed_actions is empty: allow at least one action")
-        bad = [a for a in allowed if not valid(a)]
-        if bad:
-            raise ValueError(f"allowed action {bad[0]!r} is outside [0, {num_actions})")
-        fixed = [actions] if isinstance(actions, int) else [a for a in actions or [] if a >= 0]
-        outside = [a for a in fixed if a not in allowed]
-        if outside:
-            raise ValueError(f"action {outside[0]} is fixed by actions but is not among the allowed actions")
 
 
 def check_token_ids(ids, vocab_size: int, limit: int, why: str = "") -> list[int]:
