@@ -58,9 +58,9 @@ class BWAreaGenerationMixin(ScoringMixin):
         error naming it, as is any other keyword. ``use_cache``, ``num_beams=1`` and ``output_*=False`` are
         accepted: they do not change what is generated here.
 
-        ``backend`` names the decode backend (``"eager"``, ``"cpu"``, ``"cuda"``, ``"cuda-compile"``; default: the
-        device's own, see ``generation.backends``); every backend gives the eager backend's tokens up to float
-        rounding.
+        ``backend`` names the decode backend (``"eager"``, ``"cpu"``, ``"static"``, ``"cuda"``, ``"cuda-compile"``;
+        default: the device's own, see ``generation.backends``); every backend gives the eager backend's tokens up
+        to float rounding.
 
         ``streamer.put`` gets the prompt, then each step's tokens (rows,); ``step_callback(step, tokens,
         actions)`` runs after every step and stops generation by returning True. Each step appends its
