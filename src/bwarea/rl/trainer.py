@@ -259,18 +259,8 @@ class RLTrainer:
                 if values is not None:
                     v_loss = self.algorithm.value_loss(values, returns[rows], m)
                     loss = loss + c.vf_coef * v_loss
-                self.acc.backward(loss)
-                params = [p for p in self.module.parameters() if p.requires_grad]
-                grad_norm = clip_gradients(self.acc, params, c.max_grad_norm)
-                if not all_finite(self.acc, loss, grad_norm):
-                    # Skipped: the policy and the optimizer state stay exactly as they were.
-                    self.optimizer.zero_grad(set_to_none=True)
-                    bad.append((float(loss.detach()), float(grad_norm)))
+                if not self._update(loss, bad):
                     continue
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.updates += 1
-                self._check_policy_finite()
                 losses.append(loss.detach())
                 clip_fracs.append(clip_frac)
                 if values is not None:
@@ -282,6 +272,22 @@ class RLTrainer:
         if self.reward_scale != 1.0:
             metrics["reward_scale"] = self.reward_scale
         return metrics
+
+    def _update(self, loss: torch.Tensor, bad: list) -> bool:
+        """One optimiser update from ``loss``: backward, clip, step. A non-finite loss or gradient skips it (the
+        trained weights and the optimiser state stay exactly as they were) and is noted in ``bad``."""
+        self.acc.backward(loss)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        grad_norm = clip_gradients(self.acc, params, self.config.max_grad_norm)
+        if not all_finite(self.acc, loss, grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            bad.append((float(loss.detach()), float(grad_norm)))
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        self._check_policy_finite()
+        return True
 
     def _end_step(self, bad: list, losses: list, planned: int) -> None:
         """Count the step; keep the streak of steps with non-finite updates and say what was skipped."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...train.engine import all_finite, clip_gradients, make_accelerator
+from ...train.engine import make_accelerator
 from ..trainer import RLTrainer, fingerprint
 from .base import Algorithm, masked_mean, reward_scale
 from .ppo import gae
@@ -178,18 +178,9 @@ class QTrainer(RLTrainer):
             for k in range(c.minibatches):
                 rows = order[k * per:(k + 1) * per]
                 loss = td_loss(self.module(hidden[rows]), rollout.actions[rows], targets[rows], m[rows])
-                self.acc.backward(loss)
-                params = [p for p in self.module.parameters() if p.requires_grad]
-                grad_norm = clip_gradients(self.acc, params, c.max_grad_norm)
-                if not all_finite(self.acc, loss, grad_norm):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    bad.append((float(loss.detach()), float(grad_norm)))
+                if not self._update(loss, bad):
                     continue
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
                 heads.update_target()
-                self.updates += 1
-                self._check_policy_finite()
                 losses.append(loss.detach())
         self._end_step(bad, losses, c.epochs * c.minibatches)
         with torch.no_grad():
