@@ -72,6 +72,20 @@ def client(served):
         yield c
 
 
+@pytest.fixture
+def released_tokenizer(released_dir):
+    from bwarea import load_tokenizer
+    return load_tokenizer(released_dir)
+
+
+@pytest.fixture
+def sharp_tiny_model(tiny_model):
+    """The tiny model with a sharper world model, so that actions change which token is likeliest (search, Q)."""
+    with torch.no_grad():
+        tiny_model.world_model.lm_head.weight.mul_(3)
+    return tiny_model
+
+
 # ----- search helpers (test_search, test_server_search) ---------------------------------------------------
 def scrambled(prompts, completions, completion_ids, **kwargs):
     """A reward with no structure a policy could know: a fixed pseudo-random score per completion."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from bwarea import BWAreaConfig, BWAreaForCausalLM, load_tokenizer
+from bwarea import BWAreaConfig, BWAreaForCausalLM
 from bwarea.rl import Reward, RewardSet, RLConfig, RLTrainer
 from bwarea.rl import algorithms as alg
 from bwarea.rl.algorithms.q import QTrainer
@@ -15,16 +15,13 @@ PROMPT = "The king said"
 
 
 @pytest.fixture
-def tokenizer(released_dir):
-    return load_tokenizer(released_dir)
+def tokenizer(released_tokenizer):
+    return released_tokenizer
 
 
 @pytest.fixture
-def model(tiny_model):
-    """The tiny model with a sharper world model, so that actions change which token is likeliest."""
-    with torch.no_grad():
-        tiny_model.world_model.lm_head.weight.mul_(3)
-    return tiny_model
+def model(sharp_tiny_model):
+    return sharp_tiny_model
 
 
 def test_value_head_is_saved_and_loads_back_and_models_without_one_load_as_before(tmp_path, released_dir):

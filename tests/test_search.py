@@ -10,7 +10,6 @@ import textwrap
 import pytest
 import torch
 
-from bwarea import load_tokenizer
 from bwarea.search import METHODS, search
 from conftest import WorldModelWrites, scrambled
 
@@ -18,16 +17,13 @@ PROMPT = "The king said"
 
 
 @pytest.fixture
-def tokenizer(released_dir):
-    return load_tokenizer(released_dir)
+def tokenizer(released_tokenizer):
+    return released_tokenizer
 
 
 @pytest.fixture
-def model(tiny_model):
-    """The tiny model with a sharper world model, so that actions change which token is likeliest."""
-    with torch.no_grad():
-        tiny_model.world_model.lm_head.weight.mul_(3)
-    return tiny_model
+def model(sharp_tiny_model):
+    return sharp_tiny_model
 
 
 def prompt_ids(tokenizer, text=PROMPT):
