@@ -108,11 +108,9 @@ class ActionControls:
                    None if action_temperature is None else float(action_temperature))
 
     @classmethod
-    def per_row(cls, num_actions: int, steps: int, device, actions: list, allowed: list, action_greedy=None,
-                action_temperature=None) -> "ActionControls":
-        """One request's plain-Python controls per row (``check_request``'s forms) -> the batch's controls."""
-        for a, ok in zip(actions, allowed):
-            check_request(num_actions, a, ok, steps)
+    def per_row(cls, num_actions: int, steps: int, device, actions: list, allowed: list) -> "ActionControls":
+        """Each row's plain-Python controls, already passed by ``check_request`` when its request came in, laid
+        out as one batch's tensors; ``generate`` checks them again as tensors (``build``)."""
         schedule = None
         if any(a is not None for a in actions):
             schedule = torch.full((len(actions), steps), -1, dtype=torch.long)
@@ -128,8 +126,7 @@ class ActionControls:
                 if ok is not None:
                     mask[b] = False
                     mask[b, ok] = True
-        return cls.build(num_actions, len(actions), steps, device, schedule, mask, action_greedy,
-                         action_temperature)
+        return cls(None if schedule is None else schedule.to(device), None if mask is None else mask.to(device))
 
     def repeated(self, copies: int) -> "ActionControls":
         """The controls for ``copies`` consecutive rows per batch row (num_return_sequences)."""
