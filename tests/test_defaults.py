@@ -82,6 +82,9 @@ def test_posterior_fraction_defaults_by_targets(corpus, stage1, tmp_path):
     (dict(posterior_lr=0.0), "posterior_lr must be > 0"),
     (dict(posterior_fraction=0.0, posterior_lr=1e-3), "no posterior phase"),
     (dict(policy_layers=0), "policy_layers must be >= 1"),  # bc's older checks still run after these
+    (dict(posterior_positions=0), "posterior_positions must be >= 1"),
+    (dict(posterior_fraction=0.0, posterior_positions=8), "posterior_positions=8 is given but no step"),
+    (dict(posterior_positions=31), "not below the 31 positions a block of 32 tokens scores"),
 ])
 def test_bad_posterior_settings_are_refused_by_name(corpus, stage1, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -143,11 +146,37 @@ def test_a_resume_across_the_switch_gives_the_same_curve(corpus, stage1, tmp_pat
         assert a["posterior_phase"] == b["posterior_phase"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def test_posterior_steps_on_a_few_positions_score_them_and_resume_exactly(corpus, stage1, tmp_path):
+    """--posterior-positions: the posterior steps' lm_ppl is measured on the sampled positions (a different
+    number from the all-position run's), and a resume draws the same positions (the same curve)."""
+    train(BCStage(), bc(corpus, stage1, tmp_path / "all"))
+    train(BCStage(), bc(corpus, stage1, tmp_path / "few", posterior_positions=4))
+    every, few = records(tmp_path / "all"), records(tmp_path / "few")
+    assert [r["loss"] for r in few[:6]] == pytest.approx([r["loss"] for r in every[:6]], rel=1e-6)  # cloning
+    assert all(math.isfinite(r["lm_ppl"]) for r in few[6:]) and few[6]["lm_ppl"] != every[6]["lm_ppl"]
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_7(step, metrics):
+        if step == 7:  # inside the posterior phase, after the step-4 checkpoint
+            raise Killed
+    with pytest.raises(Killed):
+        train(BCStage(), bc(corpus, stage1, tmp_path / "killed", posterior_positions=4), on_step=kill_at_7)
+    train(BCStage(), bc(corpus, stage1, tmp_path / "killed", resume=True, posterior_positions=4))
+    resumed = records(tmp_path / "killed")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in few], rel=1e-5)
+    with pytest.raises(ValueError, match="posterior_positions: run has 4, now 8"):
+        train(BCStage(), bc(corpus, stage1, tmp_path / "killed", resume=True, posterior_positions=8))
+
+
 def test_cli_help_names_the_posterior_phase_and_errors_name_the_flag(corpus, stage1, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bc", "--help"])
     text = capsys.readouterr().out
     assert "--posterior-fraction" in text and "--posterior-lr" in text and "posterior phase" in text
+    assert "--posterior-positions" in text
     code = main(["bc", "--model", str(stage1), "--data", str(corpus / "train.txt"), "--out", str(tmp_path / "x"),
                  "--targets", "posterior", "--posterior-fraction", "0.5", "--no-progress"])
     assert code == 2 and "posterior_fraction applies after" in capsys.readouterr().err

@@ -175,6 +175,36 @@ def test_gradients_reach_the_policy_through_the_likelihood(tiny_model):
     assert grad is not None and float(grad.abs().sum()) > 0
 
 
+def test_likelihood_at_chosen_positions_is_the_full_one_there(tiny_model):
+    """``positions=`` scores a subset (what ``bc --posterior-positions`` trains on): the same numbers as the full
+    pass at those positions, in the order given, padded or not, and gradients reach the policy from them only."""
+    a, b = ids_for(batch=2, seq=9, seed=8)
+    for ids, mask in ((torch.stack([a, b]), None), padded([a, b[:6]], "left"), padded([a, b[:6]], "right")):
+        with torch.no_grad():
+            full = tiny_model.lm_log_likelihood(ids, mask)
+            for positions in ([0], [7, 2, 5], list(range(8)), torch.tensor([3, 1])):
+                got = tiny_model.lm_log_likelihood(ids, mask, positions=positions, actions_per_chunk=5)
+                torch.testing.assert_close(got, full[:, torch.as_tensor(positions)], atol=1e-5, rtol=1e-5)
+    for p in tiny_model.parameters():
+        p.requires_grad_(False)
+    tiny_model.policy.requires_grad_(True)
+    ids = ids_for(batch=1, seq=6, seed=9)
+    logits = []
+    tiny_model.policy.head.register_forward_hook(lambda module, args, out: logits.append(out) or out.retain_grad())
+    (-tiny_model.lm_log_likelihood(ids, positions=[1, 3]).sum()).backward()
+    moved = logits[-1].grad[0].abs().sum(-1)
+    assert (moved[[1, 3]] > 0).all() and moved[[0, 2, 4, 5]].eq(0).all()
+
+
+@pytest.mark.parametrize("positions, message", [
+    ([], "non-empty 1-D"), ([[1, 2]], "non-empty 1-D"), ([0.5], "non-empty 1-D"), ([True], "non-empty 1-D"),
+    ([-1], r"lie in \[0, 4\]"), ([5], r"lie in \[0, 4\]"), ([1, 1], "twice"), ("ab", "1-D sequence of ints"),
+])
+def test_bad_positions_are_named(tiny_model, positions, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model.lm_log_likelihood(ids_for(batch=1, seq=6), positions=positions)
+
+
 # ----- the seed-compatible view --------------------------------------------------------------------------------
 def test_seed_view_is_the_world_model_under_each_positions_policy_action(tiny_model):
     """Position t: the policy's (greedy) action at t, the inverse-dynamics actions before t, as one

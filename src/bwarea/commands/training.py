@@ -30,6 +30,7 @@ BC_EPILOG = """examples:
   bwarea bc --model runs/s1 --data corpus.txt --out runs/bc --max-steps 600
   bwarea bc ... --posterior-fraction 0.5 --posterior-lr 5e-4   # a longer posterior phase, its own peak rate
   bwarea bc ... --posterior-fraction 0                         # behaviour cloning only (fast)
+  bwarea bc ... --posterior-positions 32                       # posterior steps on 32 random positions per block
   bwarea bc --model runs/s1 --data corpus.txt --out runs/bc --policy-init keep --targets soft
   bwarea bc --model runs/bc --data corpus.txt --out runs/bc2 --policy-init keep --targets posterior
   bwarea bc ... --save-dtype bfloat16     # a complete model for bwarea generate --model runs/bc
@@ -38,7 +39,8 @@ The world model, inverse dynamics and codebook stay frozen; only the policy trai
 size default to those of --model. By default the policy clones the inverse-dynamics actions for the first 75%
 of the steps, then trains on the world model's posterior over actions (the exact LM likelihood, what lm_ppl
 measures) for the last 25%, with the learning rate warmed up again: the posterior phase. A posterior step
-scores all 64 actions at every position (about 20x a cloning step on a CPU). See docs/training.md."""
+scores all 64 actions at every position (about 20x a cloning step on a CPU); --posterior-positions scores a
+random few per block instead. See docs/training.md."""
 
 EVAL_EPILOG = """examples:
   bwarea eval runs/bc --data heldout.txt --json

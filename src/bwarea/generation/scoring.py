@@ -86,7 +86,7 @@ class ScoringMixin:
         last_cos, last_sin = (t[:, :, -1:].expand(batch, 1, n, t.shape[-1]) for t in (cos, sin))
         return self._upper_half_over_actions(x, shared_context(caches, width - 1, 1), last_cos, last_sin, mask)
 
-    def _world_at_each_position(self, lower, caches, cos, sin, valid, vectors, copies, memo=None):
+    def _world_at_each_position(self, lower, caches, cos, sin, valid, vectors, copies, memo=None, positions=None):
         """The world model at every position t under its own action, with the context before t understood.
 
         lower, caches, cos, sin, valid: ``_understood``'s; vectors (batch * copies, T or 1, codebook_dim): the
@@ -95,21 +95,29 @@ class ScoringMixin:
         the inverse-dynamics actions at s < t (the cached context) and vectors[r, t] at t. Nothing at t reads a
         token after t: the inverse-dynamics action at s explains token s+1 <= t. ``memo`` (a dict) keeps what
         calls with the same ``copies`` share (masks, rotary, the context's keys/values per query row).
+        ``positions`` (k,) long: only those query positions, in that order (T becomes k above); each query
+        attends to the same context as in the full pass, so its logits are the full pass's at its position.
         """
         shared = None if memo is None else memo.get(copies)
         if shared is None:
             batch, width = valid.shape
             device = valid.device
+            where = torch.arange(width, device=device) if positions is None else positions
+            queries = len(where)
             # Position t's query sees the valid context strictly before t, and its own key (its action at t).
-            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril(-1)
-            eye = torch.eye(width, dtype=torch.bool, device=device).expand(batch, width, width)
+            causal = where[:, None] > torch.arange(width, device=device)[None, :]
+            eye = torch.eye(queries, dtype=torch.bool, device=device).expand(batch, queries, queries)
             mask = torch.cat([causal & valid[:, None, :], eye], dim=2)[:, None]
             # Unpadded rows share one mask; SDPA broadcasts it over the query rows.
             mask = mask[:1] if bool(valid.all()) else mask.repeat_interleave(copies, dim=0)
+            if positions is not None:
+                cos, sin = cos[:, :, positions], sin[:, :, positions]
             shared = (shared_context(caches, width, copies), cos.repeat_interleave(copies, dim=0),
                       sin.repeat_interleave(copies, dim=0), mask)
             if memo is not None:
                 memo[copies] = shared
+        if positions is not None:
+            lower = lower[:, positions]
         x = self.world_model.inject(lower.repeat_interleave(copies, dim=0), vectors)
         return self._upper_half_over_actions(x, *shared)
 
@@ -129,7 +137,7 @@ class ScoringMixin:
         return self._world_at_each_position(*understood, vectors, 1)
 
     @_with_cpu_products
-    def _mixture(self, input_ids, attention_mask, actions_per_chunk, targets=None):
+    def _mixture(self, input_ids, attention_mask, actions_per_chunk, targets=None, positions=None):
         """The one implementation of BWArea's next-token mixture (``lm_logprobs``, ``lm_log_likelihood``, and
         ``forward`` without actions).
 
@@ -137,15 +145,21 @@ class ScoringMixin:
         policy's log pi (batch, T, num_actions)). The actions stream through in chunks under a running
         logsumexp, so besides the result only one chunk's (batch, chunk, T, vocab) logits are alive. Gathering
         the targets before the sum over actions gives the same numbers and keeps the autograd graph small
-        (behaviour cloning back-propagates into log pi through it).
+        (behaviour cloning back-propagates into log pi through it). ``positions`` (k,) long: the mixture at
+        those positions only (T becomes k in every result): the world model's upper half runs k queries per
+        action instead of T.
         """
         if actions_per_chunk is not None and (isinstance(actions_per_chunk, bool) or not isinstance(
                 actions_per_chunk, int) or actions_per_chunk < 1):
             raise ValueError(f"actions_per_chunk must be a positive int or None, got {actions_per_chunk!r}")
         lower, caches, cos, sin, valid = self._understood(input_ids, attention_mask)
-        batch, width = input_ids.shape
+        batch = input_ids.shape[0]
         n, vocab = self.config.num_actions, self.config.vocab_size
         log_pi = torch.log_softmax(self.policy_logits(input_ids, attention_mask), dim=-1)  # (batch, T, n)
+        if positions is not None:
+            log_pi = log_pi[:, positions]
+            targets = None if targets is None else targets[:, positions]
+        width = log_pi.shape[1]
         # Default: a chunk's logits hold about 4M floats (16 MB), or one action when the input alone is larger.
         # Bigger chunks are no faster on CPU (measured, benchmarks/bench_lm_view.py): they fall out of cache.
         chunk = actions_per_chunk or max(1, min(n, (4 << 20) // max(1, batch * width * vocab)))
@@ -155,7 +169,7 @@ class ScoringMixin:
             c = len(acts)
             # (batch * c, 1, dim), batch-major with the actions inner, as _world_at_each_position's rows are.
             vectors = self.action_codebook(acts).repeat(batch, 1)[:, None]
-            logits = self._world_at_each_position(lower, caches, cos, sin, valid, vectors, c, memo)
+            logits = self._world_at_each_position(lower, caches, cos, sin, valid, vectors, c, memo, positions)
             logits = logits.view(batch, c, width, vocab)
             # log pi(a | x_<=t) - log Z_world(t, a): what turns each action's logits into its mixture term.
             weight = log_pi[:, :, start:start + c].transpose(1, 2)[..., None] - logits.logsumexp(-1, keepdim=True)
@@ -180,7 +194,7 @@ class ScoringMixin:
         """
         return self._mixture(input_ids, attention_mask, actions_per_chunk)[0]
 
-    def lm_log_likelihood(self, input_ids, attention_mask=None, actions_per_chunk=None):
+    def lm_log_likelihood(self, input_ids, attention_mask=None, actions_per_chunk=None, positions=None):
         """Exact log p(x_{t+1} | x_<=t) of BWArea as a language model: ``lm_logprobs`` at the next tokens.
 
         input_ids, attention_mask (batch, T), padded on the left or the right -> (batch, T-1) float32, entry t =
@@ -188,14 +202,45 @@ class ScoringMixin:
         = ``lm_logprobs(...)[:, t, x_{t+1}]``. Entries whose target or context token is padding are 0. Same
         computation as ``lm_logprobs``, with the targets picked before the sum over actions, so gradients into
         the policy stay cheap. Wrap in ``torch.no_grad()`` for evaluation.
+
+        positions: a 1-D tensor (or list) of k distinct positions t in [0, T-1) -> (batch, k), entry j = the full
+        result's entry positions[j], for about k/T of the world-model work (``bwarea bc --posterior-positions``
+        trains on a random few per block).
         """
         if torch.is_tensor(input_ids) and input_ids.dim() == 2 and input_ids.shape[1] > 0:
             targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1).long()  # the last column is unused
         else:
             targets = None  # _understood names what is wrong with input_ids
-        ll = self._mixture(input_ids, attention_mask, actions_per_chunk, targets)[0][:, :-1]
+        if positions is not None:
+            self._check_inputs(input_ids, attention_mask)
+            positions = _check_positions(positions, input_ids)
+        ll = self._mixture(input_ids, attention_mask, actions_per_chunk, targets, positions)[0]
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        return ll.masked_fill(~(valid[:, 1:] & valid[:, :-1]), 0.0)
+        scored = valid[:, 1:] & valid[:, :-1]
+        if positions is None:
+            return ll[:, :-1].masked_fill(~scored, 0.0)
+        return ll.masked_fill(~scored[:, positions], 0.0)
+
+
+def _check_positions(positions, input_ids) -> torch.Tensor:
+    """``lm_log_likelihood``'s positions -> a 1-D long tensor on the input's device, or a ValueError naming the
+    problem (each must be a position with a next token, and none twice)."""
+    if not torch.is_tensor(positions):
+        try:
+            positions = torch.as_tensor(positions)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"positions must be a 1-D sequence of ints, got {positions!r}") from error
+    if positions.dim() != 1 or positions.numel() == 0 or positions.is_floating_point() or positions.is_complex() \
+            or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be a non-empty 1-D tensor of ints, got dtype {positions.dtype} and "
+                         f"shape {tuple(positions.shape)}")
+    last = input_ids.shape[1] - 2  # the last position has no next token to score
+    if int(positions.min()) < 0 or int(positions.max()) > last:
+        raise ValueError(f"positions must lie in [0, {last}] for inputs of length {input_ids.shape[1]} (the last "
+                         f"position has no next token), got min {int(positions.min())}, max {int(positions.max())}")
+    if len(torch.unique(positions)) != len(positions):
+        raise ValueError("positions holds a position twice")
+    return positions.to(device=input_ids.device, dtype=torch.long)
 
 
 def _logsumexp_over(x: torch.Tensor, dim: int) -> torch.Tensor:

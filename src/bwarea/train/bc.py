@@ -32,13 +32,17 @@ class PolicyCloning(nn.Module):
 
     stats (sums): ce_sum, correct, tokens, code_counts (num_actions,); lm_nll_sum with "posterior" targets
     (the loss) and at evaluation.
+
+    posterior_positions: a posterior step scores this many positions per block, drawn at random (None: all).
+    The loss is then an unbiased estimate of the all-position one, for about that share of the world-model work.
     """
 
     def __init__(self, model: BWAreaForCausalLM, targets: str = "inverse", soft_temperature: float = 1.0,
-                 eval_lm: bool = True, posterior_from: int | None = None):
+                 eval_lm: bool = True, posterior_from: int | None = None, posterior_positions: int | None = None):
         super().__init__()
         self.model = model
         self.targets, self.soft_temperature, self.eval_lm = targets, soft_temperature, eval_lm
+        self.posterior_positions = posterior_positions
         # From optimiser step ``posterior_from`` on, the targets are the posterior. The steps done live in a
         # buffer so that they travel with the checkpoint: a resumed run continues in the right phase.
         self.posterior_from = posterior_from
@@ -68,9 +72,16 @@ class PolicyCloning(nn.Module):
             loss = -(soft * torch.log_softmax(flat_logits, dim=-1)).sum(-1).mean()
         if targets == "posterior" and not evaluation:
             # The frozen world model carries no gradient; only log pi inside the logsumexp does.
-            lm_nll = -self.model.lm_log_likelihood(input_ids).float().sum()
-            stats["lm_nll_sum"], stats["lm_tokens"] = lm_nll.detach(), stats["tokens"]
-            loss = lm_nll / tokens
+            scored, positions = input_ids.shape[1] - 1, None
+            if self.posterior_positions is not None and self.posterior_positions < scored:
+                # The same random positions for every row of the batch: one query set per world-model pass.
+                # torch's generator draws them, so a resumed run (accelerate restores it) draws the same ones.
+                positions = torch.randperm(scored)[:self.posterior_positions].sort().values
+            lm_ll = self.model.lm_log_likelihood(input_ids, positions=positions).float()
+            lm_nll, lm_tokens = -lm_ll.sum(), lm_ll.numel()
+            stats["lm_nll_sum"] = lm_nll.detach()
+            stats["lm_tokens"] = torch.tensor(float(lm_tokens), device=logits.device)
+            loss = lm_nll / lm_tokens
         elif evaluation and self.eval_lm:
             with torch.no_grad():
                 stats["lm_nll_sum"] = -self.model.lm_log_likelihood(input_ids).float().sum()
@@ -140,7 +151,8 @@ class BCStage(Stage):
         self.config = config
         tail = config.posterior_steps()
         return PolicyCloning(model, config.targets, config.soft_temperature, config.eval_lm,
-                             posterior_from=config.max_steps - tail if tail else None).train()
+                             posterior_from=config.max_steps - tail if tail else None,
+                             posterior_positions=config.posterior_positions).train()
 
     def lr_factor(self, config: BCConfig):
         """Warm-up + cosine over the --targets phase; with a posterior phase, again over it (a short warm-up,

@@ -262,6 +262,10 @@ class BCConfig(TrainConfig):
         f"likelihood) after the --targets phase, the learning rate warmed up again; 0 = off (default "
         f"{DEFAULT_POSTERIOR_FRACTION} with inverse or soft targets; with --targets posterior every step is one)")
     posterior_lr: float | None = setting(None, "peak learning rate of the posterior phase (default --lr)")
+    posterior_positions: int | None = setting(
+        None, "positions per block a posterior step scores, drawn at random each step (default: all of them). "
+        "A posterior step runs the world model's upper half once per action at each scored position, so fewer "
+        "make it cheaper (docs/training.md measures the trade)")
     eval_lm: bool = setting(True, "measure lm_ppl when validating")
     # The shape comes from --model; shape settings given anyway must agree with it (a guard for scripts).
     hidden_size: int | None = setting(None, "model width (bc: taken from --model; checked if given)")
@@ -271,7 +275,7 @@ class BCConfig(TrainConfig):
     intermediate_size: int | None = setting(None, "MLP width (bc: taken from --model; checked if given)")
 
     # Runs written before the posterior phase existed had none: they resume with --posterior-fraction 0.
-    RESUME_DEFAULTS = {"posterior_fraction": 0.0, "posterior_lr": None}
+    RESUME_DEFAULTS = {"posterior_fraction": 0.0, "posterior_lr": None, "posterior_positions": None}
 
     def check(self) -> None:
         if not self.model:
@@ -303,6 +307,16 @@ class BCConfig(TrainConfig):
                              "(posterior_fraction is 0 or --max-steps too few)")
         if self.policy_layers is not None and self.policy_layers < 1:
             raise ValueError(f"policy_layers must be >= 1, got {self.policy_layers}")
+        if self.posterior_positions is not None:
+            if self.posterior_positions < 1:
+                raise ValueError(f"posterior_positions must be >= 1, got {self.posterior_positions}")
+            if self.targets != "posterior" and not self.posterior_steps():
+                raise ValueError(f"posterior_positions={self.posterior_positions} is given but no step trains on "
+                                 "the posterior (posterior_fraction is 0 and --targets is not posterior)")
+            if self.block_size is not None and self.posterior_positions >= self.block_size - 1:
+                raise ValueError(f"posterior_positions={self.posterior_positions} is not below the "
+                                 f"{self.block_size - 1} positions a block of {self.block_size} tokens scores: "
+                                 "leave it out to score them all")
 
     def posterior_steps(self) -> int:
         """The number of final steps trained on the posterior after the --targets phase (0: none)."""
