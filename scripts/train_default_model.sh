@@ -1,11 +1,32 @@
 #!/usr/bin/env bash
 # Train the default model shipped in src/bwarea/default_model/, with bwarea's own commands, and the Llama
-# baseline and evaluations that give its model card's numbers.
+# baseline and evaluations that give its model card's numbers. Rerun the same command to continue: an
+# interrupted run (a killed session, a reboot) picks up where it stopped and loses at most SAVE_EVERY steps.
 #
 #   bash scripts/train_default_model.sh                  # a GPU machine: about 6 minutes on one H200 (estimate)
 #   CORPORA=/data/corpora WORK=/tmp/dm INSTALL=0 bash scripts/train_default_model.sh   # corpora elsewhere
 #   STEPS=20 BC_STEPS=20 BATCH=4 BLOCK=64 INSTALL=0 EVAL_BLOCKS=4 EVAL_MAX_BLOCKS=8 \
 #       bash scripts/train_default_model.sh                 # a CPU smoke run (about 10 minutes on 2 busy cores)
+#   mkdir -p runs && nohup nice -n 19 bash scripts/train_default_model.sh >> runs/default-model.log 2>&1 &
+#                                                         # the whole sweep on a CPU, in the background: run the
+#                                                         # same line again after an interruption to continue
+#
+# How long the default sweep takes. These are estimates, not timings of the whole sweep:
+#   - one H200: about 6 minutes (the runs of each step side by side);
+#   - a 2-core CPU: roughly a day. There a stage-1 step at the default shape takes ~5 s and a posterior bc step
+#     ~50 s; taking the baseline's and plain cloning's steps at ~5 s as well: stage 1 + baseline 2 x 1800 steps
+#     ~5 h, bc 2700 cloning steps ~4 h and 900 posterior steps ~12.5 h, evaluations (each scores all 64
+#     actions) an hour or more: ~20-25 h in all. Follow it in the log and in $WORK/logs/NAME.log;
+#     $WORK/logs/steps.jsonl gets each step's seconds as it finishes.
+#
+# Resuming. Each step (split, tokenizer, packing, every training run and evaluation, the selection, the quality
+# benchmark, export, install) writes $WORK/done/NAME once it has succeeded, holding its command line (without
+# --save-every) and a checksum of the markers of the steps it reads. A rerun skips each step whose marker
+# matches. A training run that was started with the same command and did not finish continues from its last
+# checkpoint (bwarea's --resume; one every SAVE_EVERY steps); one whose command or inputs changed (e.g. a new
+# BC_STEPS) starts again with --overwrite, and so does every step after it; nothing else reruns. Only run folders
+# this script started ($WORK/started/NAME) are ever overwritten. Code changes are not noticed: delete
+# $WORK/done/NAME to redo a step. A second copy of the script on the same $WORK stops at once.
 #
 # The recipe is a small sweep, chosen on a validation split and only then scored on the held-out split:
 #   - stage 1 and its Llama baseline for each of STEPS (default 600 and 1200 steps: 3.4 and 6.8 epochs of the
@@ -46,34 +67,112 @@ VAL_PERCENT=${VAL_PERCENT:-3}
 INSTALL=${INSTALL:-1}
 EVAL_MAX_BLOCKS=${EVAL_MAX_BLOCKS:-}      # evaluate at most N blocks (smoke runs); empty: every block
 EVAL_BLOCKS=${EVAL_BLOCKS:-256}            # validation blocks the training runs report on (every 500 steps, at the end)
+SAVE_EVERY=${SAVE_EVERY:-100}              # checkpoint every N steps: what an interruption can cost at most
 EXPORT=${EXPORT:-}                         # a folder: gets model.safetensors + default-model.tgz (the rest, reports)
 SHAPE="--hidden-size 256 --layers 4 --heads 4 --kv-heads 2 --intermediate-size 512 --max-positions 1024"
-COMMON="--block-size $BLOCK --batch-size $BATCH --save-every 500 --log-every 50 --eval-every 500 --seed 0 --no-progress --eval-blocks $EVAL_BLOCKS"
+# --save-every is added when a run starts, not here: it is no part of a run's record (changing it retrains nothing).
+COMMON="--block-size $BLOCK --batch-size $BATCH --log-every 50 --eval-every 500 --seed 0 --no-progress --eval-blocks $EVAL_BLOCKS"
 MAXB=""; [ -n "$EVAL_MAX_BLOCKS" ] && MAXB="--max-blocks $EVAL_MAX_BLOCKS"
 export TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"   # runs from a checkout without installing
 for f in shakespeare.txt kjv.txt; do
     [ -f "$CORPORA/$f" ] || { echo "CORPORA=$CORPORA has no $f (set CORPORA to the folder holding it)" >&2; exit 2; }
 done
+case "$SAVE_EVERY" in ''|*[!0-9]*|0) echo "SAVE_EVERY=$SAVE_EVERY: give a whole number of steps >= 1" >&2; exit 2;; esac
 if [ -z "${PARALLEL:-}" ]; then
     PARALLEL=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 fi
-mkdir -p "$WORK/data" "$WORK/logs"
+DONE="$WORK/done"; STARTED="$WORK/started"
+mkdir -p "$WORK/data" "$WORK/logs" "$DONE" "$STARTED"
+# Two copies on one $WORK would train into the same folders: the second stops (flock is Linux's; skipped elsewhere).
+exec 9>>"$WORK/.lock"
+if command -v flock >/dev/null && ! flock -n 9; then
+    echo "another train_default_model.sh is running on WORK=$WORK: let it finish (or stop it), then rerun" >&2
+    exit 2
+fi
 start=$(date +%s)
+ran=0; skipped=0
 
-# Run the commands given as strings (each "NAME|COMMAND"), side by side when PARALLEL=1; each logs to
-# $WORK/logs/NAME.log. Stops with the failing run's log tail.
+say() { echo "[$(($(date +%s) - start))s] $*"; }
+
+# record COMMAND [STEP...]: what $DONE/NAME must hold for a step to count as done: its command, then a checksum
+# of the done marker of each step it reads (so a step reruns when anything before it changed).
+record() {
+    local cmd=$1 dep; shift
+    printf '%s\n' "$cmd"
+    for dep in "$@"; do
+        [ -f "$DONE/$dep" ] || { echo "step $dep has not finished (no $DONE/$dep)" >&2; return 1; }
+        printf 'after %s %s\n' "$dep" "$(cksum < "$DONE/$dep")"
+    done
+}
+
+# is_done NAME RECORD PRODUCT: true (and says so) when NAME finished with this record and PRODUCT is still there.
+is_done() {
+    if [ -f "$DONE/$1" ] && [ "$(cat "$DONE/$1")" = "$2" ] && [ -e "$3" ]; then
+        say "$1: done before with the same command, skipped"
+        skipped=$((skipped + 1))
+        return 0
+    fi
+    return 1
+}
+
+# write_atomic FILE TEXT: a reader sees the old file or the new one, never half of one.
+write_atomic() { printf '%s\n' "$2" > "$1.tmp" && mv "$1.tmp" "$1"; }
+
+# finish NAME RECORD T0 [NOTE]: mark NAME done (only ever after it succeeded) and log its time.
+finish() {
+    write_atomic "$DONE/$1" "$2"
+    echo "{\"step\": \"$1\", \"seconds\": $(($(date +%s) - $3)), \"finished\": \"$(date -u +%FT%TZ)\"${4:+, \"note\": \"$4\"}}" \
+        >> "$WORK/logs/steps.jsonl"
+}
+
+# begin NAME RECORD PRODUCT: for the steps run inline below: false when done before; else starts the clock.
+begin() {
+    is_done "$@" && return 1
+    say "$1"
+    rm -f "$DONE/$1"   # a stale marker (other settings) goes: done/ lists only what is finished as it stands
+    ran=$((ran + 1)); t0=$(date +%s)
+}
+
+# run_one NAME RECORD COMMAND [NOTE]: run COMMAND, appending to $WORK/logs/NAME.log; mark NAME done if it succeeds.
+run_one() {
+    local t=$(date +%s)
+    echo "==== $(date -u '+%F %T UTC'): $3" >> "$WORK/logs/$1.log"
+    bash -c "$3" >> "$WORK/logs/$1.log" 2>&1 || return 1
+    finish "$1" "$2" "$t" "${4:-}"
+}
+
+# run_all MODE SPEC...: run the steps given as "NAME|STEPS IT READS|COMMAND", side by side when PARALLEL=1,
+# skipping those done before. MODE train: NAME is the run folder $WORK/NAME (see train_flag); MODE eval: the
+# command writes $WORK/logs/NAME.json. Every step is checked before any starts (a folder it must leave alone
+# stops the script with nothing started). Stops with the failing step's log tail; the others' work is kept.
 run_all() {
-    local pids=() names=() spec name i failed=0
+    local mode=$1 todo=() pids=() names=() spec name deps cmd rec product i failed=0; shift
     for spec in "$@"; do
-        name=${spec%%|*}
+        name=${spec%%|*}; spec=${spec#*|}; deps=${spec%%|*}; cmd=${spec#*|}
+        # shellcheck disable=SC2086  # deps is a list of step names
+        rec=$(record "$cmd" $deps)
+        if [ "$mode" = train ]; then product="$WORK/$name/model.safetensors"; else product="$WORK/logs/$name.json"; fi
+        is_done "$name" "$rec" "$product" && continue
+        flag=""; note=""
+        [ "$mode" = train ] && train_flag "$name" "$rec"   # sets flag and note, or stops the script
+        todo+=("$name" "$rec" "$cmd" "$flag" "$note")
+    done
+    for ((i = 0; i < ${#todo[@]}; i += 5)); do
+        name=${todo[i]}; rec=${todo[i + 1]}; cmd=${todo[i + 2]}; flag=${todo[i + 3]}; note=${todo[i + 4]}
+        rm -f "$DONE/$name"
+        ran=$((ran + 1))
+        if [ "$mode" = train ]; then
+            write_atomic "$STARTED/$name" "$rec"   # from now on the folder is this script's own
+            cmd="$cmd --save-every $SAVE_EVERY${flag:+ $flag}"
+        fi
+        say "$name${note:+: $note}"
         names+=("$name")
-        echo "[$(($(date +%s) - start))s] $name"
         if [ "$PARALLEL" = "1" ]; then
-            bash -c "${spec#*|}" >"$WORK/logs/$name.log" 2>&1 &
+            run_one "$name" "$rec" "$cmd" "$note" &
             pids+=($!)
         else
-            bash -c "${spec#*|}" >"$WORK/logs/$name.log" 2>&1 || { tail -20 "$WORK/logs/$name.log" >&2; exit 1; }
+            run_one "$name" "$rec" "$cmd" "$note" || { tail -20 "$WORK/logs/$name.log" >&2; exit 1; }
         fi
     done
     for i in "${!pids[@]}"; do
@@ -82,11 +181,35 @@ run_all() {
             failed=1
         fi
     done
-    [ "$failed" = 0 ] || { echo "a run failed: see $WORK/logs/" >&2; exit 1; }
+    [ "$failed" = 0 ] || { echo "a run failed: see $WORK/logs/ (rerun the same command to continue)" >&2; exit 1; }
+}
+
+# train_flag NAME RECORD: how to start the run in $WORK/NAME -> flag (and note): nothing for a new folder;
+# --resume when this script started it with the same record (from its last checkpoint; from step 0 if it has
+# none yet); --overwrite when it started it with another record. A folder it did not start is left alone.
+train_flag() {
+    local dir="$WORK/$1" last
+    flag=""; note=""
+    if [ -f "$STARTED/$1" ] && [ "$(cat "$STARTED/$1")" = "$2" ]; then
+        flag="--resume"
+        last=$(ls -d "$dir"/checkpoints/step-* 2>/dev/null | sort | tail -1 || true)
+        if [ -n "$last" ]; then note="resuming an unfinished run from ${last#"$dir/"}"
+        else note="resuming an unfinished run from step 0 (no checkpoint yet)"; fi
+    elif [ -f "$STARTED/$1" ]; then
+        flag="--overwrite"
+        note="its command or inputs changed since it was started: starting it again (--overwrite)"
+    elif [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ]; then
+        echo "$dir is not empty, and this script did not start it (no $STARTED/$1; an older version of" \
+             "the script, or by hand): move it away and rerun" >&2
+        exit 2
+    fi
 }
 
 # 1. Split each corpus file by lines: held out (the end), validation (just before it), training (the rest).
-"$PY" - "$CORPORA" "$WORK/data" "$HOLDOUT_PERCENT" "$VAL_PERCENT" <<'EOF'
+rec=$(record "split_lines $CORPORA holdout=$HOLDOUT_PERCENT% val=$VAL_PERCENT%
+$(cd "$CORPORA" && cksum shakespeare.txt kjv.txt)")
+if begin split "$rec" "$WORK/data/tv/train"; then
+    "$PY" - "$CORPORA" "$WORK/data" "$HOLDOUT_PERCENT" "$VAL_PERCENT" <<'EOF'
 import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
@@ -95,14 +218,23 @@ corpora, out, held, val = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3
 rest, _ = split_lines([corpora / "shakespeare.txt", corpora / "kjv.txt"], held, out)   # out/train, out/heldout
 split_lines(rest, val * 100 / (100 - held), out / "tv")                                   # out/tv/train, out/tv/heldout
 EOF
+    finish split "$rec" "$t0"
+fi
 TRAIN="$WORK/data/tv/train"
 VAL="$WORK/data/tv/heldout"
 HELDOUT="$WORK/data/heldout"
 DATA="--data $TRAIN --val-data $VAL --cache-dir $WORK/cache"
 
 # 2. A byte-level BPE on the training text, and the blocks packed once (the parallel runs then share them).
-$BWAREA tokenizer train --data "$TRAIN" --vocab-size "$VOCAB" --out "$WORK/tokenizer"
-"$PY" - "$WORK" "$BLOCK" "$TRAIN" "$VAL" "$HELDOUT" <<'EOF'
+cmd="$BWAREA tokenizer train --data $TRAIN --vocab-size $VOCAB --out $WORK/tokenizer"
+rec=$(record "$cmd" split)
+if begin tokenizer "$rec" "$WORK/tokenizer/tokenizer.json"; then
+    $cmd
+    finish tokenizer "$rec" "$t0"
+fi
+rec=$(record "pack block=$BLOCK $TRAIN $VAL $HELDOUT" tokenizer)
+if begin pack "$rec" "$WORK/cache"; then
+    "$PY" - "$WORK" "$BLOCK" "$TRAIN" "$VAL" "$HELDOUT" <<'EOF'
 import sys
 from bwarea.data import pack
 from bwarea.tokenizer import load_tokenizer
@@ -111,17 +243,19 @@ tokenizer = load_tokenizer(f"{work}/tokenizer")
 for data in sys.argv[3:]:
     pack([data], tokenizer, block, 0.0, cache_dir=f"{work}/cache", progress=False)
 EOF
+    finish pack "$rec" "$t0"
+fi
 
 # 3. Stage 1 (world model, inverse dynamics, codebook) and the Llama baseline of the world model's shape.
 runs=()
 for s in $STEPS; do
     for kind in s1 llama; do
         extra=""; [ "$kind" = llama ] && extra="--baseline llama"
-        runs+=("$kind-$s|$BWAREA pretrain $extra $DATA --tokenizer $WORK/tokenizer --out $WORK/$kind-$s $SHAPE $COMMON \
---max-steps $s --lr 2e-3 --warmup-steps 100 --overwrite")
+        runs+=("$kind-$s|pack|$BWAREA pretrain $extra $DATA --tokenizer $WORK/tokenizer --out $WORK/$kind-$s $SHAPE \
+$COMMON --max-steps $s --lr 2e-3 --warmup-steps 100")
     done
 done
-run_all "${runs[@]}"
+run_all train "${runs[@]}"
 
 # 4. Stage 2: behaviour cloning of the policy, started from the world model's weights, then (f > 0) the
 #    posterior phase. Saved in bf16, as shipped: the candidates are judged as they would ship.
@@ -130,24 +264,28 @@ for s in $STEPS; do
     runs=()
     for f in $POSTERIOR_FRACTIONS; do
         plr=""; if awk "BEGIN { exit !($f > 0) }"; then plr="--posterior-lr $POSTERIOR_LR"; fi
-        runs+=("bc-$s-$f|$BWAREA bc $DATA --model $WORK/s1-$s --out $WORK/bc-$s-$f $COMMON --max-steps $BC_STEPS \
+        runs+=("bc-$s-$f|s1-$s|$BWAREA bc $DATA --model $WORK/s1-$s --out $WORK/bc-$s-$f $COMMON --max-steps $BC_STEPS \
 --lr 2e-3 --warmup-steps 100 --policy-init world --targets inverse --posterior-fraction $f $plr \
---save-dtype bfloat16 --overwrite")
+--save-dtype bfloat16")
     done
-    run_all "${runs[@]}"
+    run_all train "${runs[@]}"
 done
 
 # 5. Choose on the validation split: every candidate and baseline evaluated there (lm_ppl over all its blocks).
+#    Each JSON is written to a temporary file and renamed: a killed evaluation leaves no truncated JSON.
 runs=()
 for s in $STEPS; do
-    runs+=("val-llama-$s|$BWAREA eval $WORK/llama-$s --data $VAL --cache-dir $WORK/cache $MAXB --json > $WORK/logs/val-llama-$s.json")
-    for f in $POSTERIOR_FRACTIONS; do
-        runs+=("val-bc-$s-$f|$BWAREA eval $WORK/bc-$s-$f --data $VAL --cache-dir $WORK/cache $MAXB --json > $WORK/logs/val-bc-$s-$f.json")
+    for name in llama-$s $(for f in $POSTERIOR_FRACTIONS; do echo "bc-$s-$f"; done); do
+        runs+=("val-$name|$name|$BWAREA eval $WORK/$name --data $VAL --cache-dir $WORK/cache $MAXB --json \
+> $WORK/logs/val-$name.json.tmp && mv $WORK/logs/val-$name.json.tmp $WORK/logs/val-$name.json")
     done
 done
-run_all "${runs[@]}"
-"$PY" - "$WORK" "$STEPS" "$POSTERIOR_FRACTIONS" <<'EOF'
-import json, sys
+run_all eval "${runs[@]}"
+vals=(); for s in $STEPS; do vals+=("val-llama-$s"); for f in $POSTERIOR_FRACTIONS; do vals+=("val-bc-$s-$f"); done; done
+rec=$(record "select STEPS=$STEPS POSTERIOR_FRACTIONS=$POSTERIOR_FRACTIONS" "${vals[@]}")
+if begin selection "$rec" "$WORK/selection.json"; then
+    "$PY" - "$WORK" "$STEPS" "$POSTERIOR_FRACTIONS" <<'EOF'
+import json, os, sys
 from pathlib import Path
 work, steps, fractions = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
 read = lambda name: json.loads((work / "logs" / f"{name}.json").read_text().strip().splitlines()[-1])["lm_ppl"]
@@ -168,51 +306,89 @@ for name, target in (("s1", f"s1-{best['steps']}"), ("llama", f"llama-{best['ste
     elif link.exists():
         sys.exit(f"{link} exists and is not a link this script made: move it away")
     link.symlink_to(target)
-(work / "selection.json").write_text(json.dumps({"chosen": best, "candidates": rows}, indent=1))
+tmp = work / "selection.json.tmp"
+tmp.write_text(json.dumps({"chosen": best, "candidates": rows}, indent=1))
+os.replace(tmp, work / "selection.json")
 for r in rows:
     print(f"{r['run']:>16}  val lm_ppl {r['val_lm_ppl']:8.2f}  baseline {r['val_baseline_ppl']:8.2f}  "
           f"ratio {r['val_ratio']:.3f}{'  <- chosen' if r is best else ''}")
 EOF
+    finish selection "$rec" "$t0"
+fi
 FINAL="$WORK/final"
 
 # 6. Held-out numbers for the model card, and the side-by-side quality table (benchmarks/).
-$BWAREA eval "$FINAL" --data "$HELDOUT" --cache-dir "$WORK/cache" $MAXB --json | tee "$WORK/eval_bwarea.json"
-"$PY" benchmarks/bench_training_quality.py --runs "$WORK" --final final --data "$HELDOUT" --out "$WORK/quality" \
-    ${EVAL_MAX_BLOCKS:+--max-blocks $EVAL_MAX_BLOCKS} || echo "some quality targets were missed: see $WORK/quality.md"
-# The default model's own targets (issue 14, part 4), stricter than the benchmark's.
+cmd="$BWAREA eval $FINAL --data $HELDOUT --cache-dir $WORK/cache $MAXB --json"
+rec=$(record "$cmd" selection)
+if begin eval-final "$rec" "$WORK/eval_bwarea.json"; then
+    $cmd > "$WORK/eval_bwarea.json.tmp"
+    mv "$WORK/eval_bwarea.json.tmp" "$WORK/eval_bwarea.json"
+    cat "$WORK/eval_bwarea.json"
+    finish eval-final "$rec" "$t0"
+fi
+cmd="benchmarks/bench_training_quality.py --runs $WORK --final final --data $HELDOUT ${EVAL_MAX_BLOCKS:+--max-blocks $EVAL_MAX_BLOCKS}"
+rec=$(record "$cmd" selection)
+if begin quality "$rec" "$WORK/quality.json"; then
+    # Exit status 1 means targets missed, and a crash too: the files it writes last tell them apart.
+    rm -f "$WORK/quality-new.json" "$WORK/quality-new.md"
+    "$PY" $cmd --out "$WORK/quality-new" || echo "some quality targets were missed: see $WORK/quality.md"
+    [ -f "$WORK/quality-new.json" ] && [ -f "$WORK/quality-new.md" ] \
+        || { echo "the quality benchmark failed (no $WORK/quality-new.json): see its output above" >&2; exit 1; }
+    mv "$WORK/quality-new.md" "$WORK/quality.md"
+    mv "$WORK/quality-new.json" "$WORK/quality.json"
+    finish quality "$rec" "$t0"
+fi
+# The default model's own targets (issue 14, part 4), stricter than the benchmark's. Instant: checked every time.
 "$PY" - "$WORK" <<'EOF'
-import json, sys
+import json, os, sys
 from pathlib import Path
-q = json.loads((Path(sys.argv[1]) / "quality.json").read_text())
+work = Path(sys.argv[1])
+q = json.loads((work / "quality.json").read_text())
 targets = {"lm_ppl <= 1.05 x baseline": q["lm_ppl_ratio"] <= 1.05, "codes_used >= 60": q["codes_used"] >= 60,
            "code_perplexity >= 40": q["code_perplexity"] >= 40}
-(Path(sys.argv[1]) / "targets.json").write_text(json.dumps({"lm_ppl_ratio": q["lm_ppl_ratio"], **targets}, indent=1))
+(work / "targets.json.tmp").write_text(json.dumps({"lm_ppl_ratio": q["lm_ppl_ratio"], **targets}, indent=1))
+os.replace(work / "targets.json.tmp", work / "targets.json")
 print(f"held-out lm_ppl {q['lm_ppl']:.2f} = {q['lm_ppl_ratio']:.3f} x baseline {q['baseline_ppl']:.2f}; "
       f"codes {q['codes_used']}, code perplexity {q['code_perplexity']:.1f}")
 for name, ok in targets.items():
     print(f"{'PASS' if ok else 'FAIL'}: {name}")
 EOF
 
-end=$(date +%s)
-echo "{\"seconds\": $((end - start)), \"steps\": \"$STEPS\", \"bc_steps\": $BC_STEPS, \"posterior_fractions\": \"$POSTERIOR_FRACTIONS\", \"posterior_lr\": $POSTERIOR_LR, \"batch\": $BATCH, \"block\": $BLOCK, \"parallel\": $PARALLEL}" \
-    | tee "$WORK/timing.json"
+# Wall time of this invocation only: with steps skipped or resumed it is not the sweep's (logs/steps.jsonl has
+# every step's). An invocation that ran nothing leaves the last timing.json as it was.
+if [ "$ran" -gt 0 ]; then
+    end=$(date +%s)
+    write_atomic "$WORK/timing.json" "{\"seconds\": $((end - start)), \"steps_run\": $ran, \"steps_skipped\": $skipped, \
+\"steps\": \"$STEPS\", \"bc_steps\": $BC_STEPS, \"posterior_fractions\": \"$POSTERIOR_FRACTIONS\", \
+\"posterior_lr\": $POSTERIOR_LR, \"batch\": $BATCH, \"block\": $BLOCK, \"parallel\": $PARALLEL}"
+    cat "$WORK/timing.json"
+fi
 
 # 7. Two files to carry back from a GPU machine: the weights, and a tarball of the model's other files and the
 #    reports (unpack it into $WORK, put model.safetensors into $WORK/final/).
 if [ -n "$EXPORT" ]; then
-    mkdir -p "$EXPORT"
-    cp "$FINAL/model.safetensors" "$EXPORT/"
-    tar -czhf "$EXPORT/default-model.tgz" -C "$WORK" final/config.json final/tokenizer.json \
-        final/tokenizer_config.json final/training.json quality.md quality.json selection.json targets.json \
-        timing.json eval_bwarea.json logs
-    ls -l "$EXPORT"
+    rec=$(record "export $EXPORT" eval-final quality)
+    if begin export "$rec" "$EXPORT/default-model.tgz"; then
+        mkdir -p "$EXPORT"
+        cp "$FINAL/model.safetensors" "$EXPORT/"
+        tar -czhf "$EXPORT/default-model.tgz" -C "$WORK" final/config.json final/tokenizer.json \
+            final/tokenizer_config.json final/training.json quality.md quality.json selection.json targets.json \
+            timing.json eval_bwarea.json logs
+        ls -l "$EXPORT"
+        finish export "$rec" "$t0"
+    fi
 fi
 
 # 8. Ship it: bf16 weights, config and tokenizer into the package.
 if [ "$INSTALL" = "1" ]; then
-    for f in model.safetensors config.json tokenizer.json tokenizer_config.json training.json; do
-        cp "$FINAL/$f" src/bwarea/default_model/
-    done
-    cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
-    ls -l src/bwarea/default_model/
+    rec=$(record "install into src/bwarea/default_model" eval-final)
+    if begin install "$rec" src/bwarea/default_model/model.safetensors; then
+        for f in model.safetensors config.json tokenizer.json tokenizer_config.json training.json; do
+            cp "$FINAL/$f" src/bwarea/default_model/
+        done
+        cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
+        ls -l src/bwarea/default_model/
+        finish install "$rec" "$t0"
+    fi
 fi
+say "finished: $ran steps run, $skipped done before and skipped"

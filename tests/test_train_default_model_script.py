@@ -1,0 +1,146 @@
+"""scripts/train_default_model.sh is resumable: a rerun skips what is done, continues an unfinished run from its
+checkpoint, redoes only what a changed setting touches, and leaves alone a folder it did not start.
+
+The sweep runs at a tiny size (a few steps of a 32-token block, a 300-token vocabulary, made-up text) on the
+script's own code path; most of its time is the interpreter starting for each step.
+"""
+
+import fcntl
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "train_default_model.sh"
+TINY = dict(STEPS="4", BC_STEPS="4", BATCH="2", BLOCK="32", VOCAB="300", EVAL_BLOCKS="2", EVAL_MAX_BLOCKS="2",
+            POSTERIOR_FRACTIONS="0 0.5", SAVE_EVERY="2", INSTALL="0")
+RUNS = ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5")  # the run folders of the tiny sweep
+WORDS = ("the lord king and of to my thy thou shall love night day sword heaven earth god man woman sea fire "
+         "speak said unto them is was be not with").split()
+
+
+def corpora(folder: Path) -> Path:
+    """shakespeare.txt and kjv.txt of a few hundred made-up lines each (the script wants those two names)."""
+    rng = random.Random(0)
+    folder.mkdir()
+    for name, lines in (("shakespeare.txt", 400), ("kjv.txt", 300)):
+        text = "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + ".\n"
+                       for _ in range(lines))
+        (folder / name).write_text(text)
+    return folder
+
+
+def run_script(tmp_path: Path, **settings) -> subprocess.CompletedProcess:
+    env = {**os.environ, **TINY, "CORPORA": str(tmp_path / "corpora"), "WORK": str(tmp_path / "work"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PARALLEL": "0", **settings}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(["nice", "-n", "19", "bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    result.log = result.stdout + result.stderr
+    return result
+
+
+def finished(result) -> None:
+    assert result.returncode == 0, result.log[-3000:]
+
+
+def checkpoint_times(work: Path) -> dict:
+    """Every checkpoint and final weights file of every run folder -> its mtime (ns)."""
+    files = [p for run in RUNS for p in (*(work / run).glob("checkpoints/step-*"),
+                                         *(work / run).glob("checkpoints/step-*/*"), work / run / "model.safetensors")]
+    return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in files}
+
+
+def started_steps(log: str) -> set[str]:
+    """The steps a run started (not skipped): its "[Ns] NAME" and "[Ns] NAME: note" lines."""
+    steps = set()
+    for line in log.splitlines():
+        if line.startswith("[") and "s] " in line and "skipped" not in line and "finished:" not in line:
+            steps.add(line.split("] ", 1)[1].split(":", 1)[0])
+    return steps
+
+
+@pytest.mark.slow  # about 1.5 minutes on 2 busy cores: five runs of the script, two of them whole sweeps
+def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
+    corpora(tmp_path / "corpora")
+    work = tmp_path / "work"
+
+    # A folder the script did not start is never touched, not even with --overwrite: it stops, saying so.
+    (work / "llama-4").mkdir(parents=True)
+    (work / "llama-4" / "notes.txt").write_text("mine")
+    refused = run_script(tmp_path, PARALLEL="1")
+    assert refused.returncode == 2 and "llama-4 is not empty, and this script did not start it" in refused.log
+    assert (work / "llama-4" / "notes.txt").read_text() == "mine"
+    assert not (work / "s1-4").exists()  # checked before any run of the step started
+    (work / "llama-4" / "notes.txt").unlink()
+    (work / "llama-4").rmdir()
+
+    # 1. The whole sweep (its runs side by side, as on a GPU).
+    first = run_script(tmp_path, PARALLEL="1")
+    finished(first)
+    assert "split: done before" in first.log  # the refused start's finished steps were kept
+    selection = (work / "selection.json").read_text()
+    times = checkpoint_times(work)
+    assert "bc-4-0.5/checkpoints/step-000002" in times and "bc-4-0.5/model.safetensors" in times
+    for name in ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5", "val-bc-4-0", "selection", "quality"):
+        assert (work / "done" / name).is_file(), name
+    assert not list(work.rglob("*.tmp")), "an atomic write left its temporary file"
+    json.loads((work / "logs" / "val-llama-4.json").read_text())
+
+    # 2. The same command again: nothing is retrained or re-evaluated, and the choice is the same.
+    again = run_script(tmp_path)
+    finished(again)
+    assert started_steps(again.log) == set(), again.log
+    assert "finished: 0 steps run" in again.log
+    assert checkpoint_times(work) == times
+    assert (work / "selection.json").read_text() == selection
+
+    # 3. An interrupted bc run (its last checkpoint and final weights gone, no done marker) resumes from the
+    #    checkpoint before, with the same command; what was done is kept, and what it fed is not redone.
+    run = work / "bc-4-0.5"
+    (run / "model.safetensors").unlink()
+    for f in (run / "checkpoints" / "step-000004").iterdir():
+        f.unlink()
+    (run / "checkpoints" / "step-000004").rmdir()
+    (work / "done" / "bc-4-0.5").unlink()
+    resumed = run_script(tmp_path)
+    finished(resumed)
+    assert "bc-4-0.5: resuming an unfinished run from checkpoints/step-000002" in resumed.log
+    assert "resumed" in (work / "logs" / "bc-4-0.5.log").read_text()  # bwarea's own word, from --resume
+    assert started_steps(resumed.log) == {"bc-4-0.5"}, resumed.log
+    assert (run / "model.safetensors").is_file() and (work / "done" / "bc-4-0.5").is_file()
+    assert json.loads((run / "training.json").read_text())["steps_this_run"] == 2
+
+    # 4. A changed setting reruns what depends on it, and only that: the bc runs (started again with
+    #    --overwrite), their evaluations and what follows; stage 1 and the baseline are kept.
+    times = checkpoint_times(work)
+    changed = run_script(tmp_path, BC_STEPS="6", PARALLEL="1")
+    finished(changed)
+    assert started_steps(changed.log) == {"bc-4-0", "bc-4-0.5", "val-bc-4-0", "val-bc-4-0.5", "selection",
+                                          "eval-final", "quality"}, changed.log
+    assert "bc-4-0: its command or inputs changed since it was started: starting it again (--overwrite)" \
+        in changed.log
+    assert all(times[k] == checkpoint_times(work)[k] for k in times if k.startswith(("s1-4/", "llama-4/")))
+    trained = json.loads((work / "bc-4-0" / "training.json").read_text())
+    assert trained["steps"] == 6 and trained["steps_this_run"] == 6  # from scratch, not resumed from step 4
+
+def test_a_second_copy_on_the_same_work_stops(tmp_path):
+    """Two copies would train into the same folders: while one holds the lock, another stops at once."""
+    corpora(tmp_path / "corpora")
+    (tmp_path / "work").mkdir()
+    with open(tmp_path / "work" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_script(tmp_path)
+    assert result.returncode == 2 and "another train_default_model.sh is running" in result.log
+    assert not (tmp_path / "work" / "done").exists() or not any((tmp_path / "work" / "done").iterdir())
+
+
+def test_save_every_must_be_a_positive_whole_number(tmp_path):
+    corpora(tmp_path / "corpora")
+    result = run_script(tmp_path, SAVE_EVERY="0")
+    assert result.returncode == 2 and "SAVE_EVERY=0" in result.log
