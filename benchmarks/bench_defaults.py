@@ -13,7 +13,7 @@ the exact LM perplexity on the last 3% of the lines of --other, which no run see
 bc run from the same stage-1 model with FLAGS on top of the defaults (an ablation). A run whose folder already
 holds a finished run of the same command is reused (--fresh trains everything again).
 
-Writes PREFIX.json (every command, number and timing) and PREFIX.md (the table). Exit status 0 when the default
+Writes PREFIX.json (every command, number and timing), PREFIX.md (the table) and PREFIX.png (the ratios). Exit status 0 when the default
 path meets the target lm_ppl <= 1.10 x the baseline on the other author's text, 1 when it does not.
 """
 
@@ -80,6 +80,7 @@ def main(argv=None) -> int:
                    help="an extra bc run with these flags added to the defaults (repeatable)")
     p.add_argument("--max-blocks", type=int, help="score at most N held-out blocks (default: all)")
     p.add_argument("--fresh", action="store_true", help="train every run again, even if a finished one is there")
+    p.add_argument("--no-plot", action="store_true", help="skip PREFIX.png")
     p.add_argument("--quick", action="store_true",
                    help="toy sizes for a test (hidden 32, 2 layers, 4 + 4 steps, blocks of 32): checks the plumbing, "
                         "not the defaults' quality")
@@ -165,8 +166,38 @@ def main(argv=None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     text = table(result)
     args.out.with_suffix(".md").write_text(text + "\n")
+    if not args.no_plot:
+        plot(result, args.out.with_suffix(".png"))
     print(text)
     return 0 if result["target_met"] else 1
+
+
+def plot(r: dict, path: Path) -> None:
+    """PREFIX.png: each bc run's lm_ppl / the baseline's, on the other author's text and on the same author's,
+    with the target line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, width = r["rows"], 0.38
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.6 + 1.5 * len(rows)), 3.8))
+    for i, (key, label) in enumerate((("other_ratio", f"{Path(r['setup']['other']).name} (other author)"),
+                                      ("same_ratio", f"{Path(r['setup']['data']).name} (held-out lines)"))):
+        xs = [j + (i - 0.5) * width for j in range(len(rows))]
+        bars = ax.bar(xs, [row[key] for row in rows], width, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.axhline(TARGET, color="black", linestyle="--", linewidth=1, label=f"target {TARGET} (other author)")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [row["name"] for row in rows])
+    ax.set_ylim(0.9, max(TARGET, *(row[k] for row in rows for k in ("other_ratio", "same_ratio"))) + 0.15)
+    ax.set_ylabel("BWArea lm_ppl / Llama ppl")
+    s = r["setup"]
+    ax.set_title(f"pretrain + bc at default flags (hidden {s['hidden_size']}, {s['layers']} layers, "
+                 f"{s['steps']} + {s['bc_steps']} steps)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def table(r: dict) -> str:

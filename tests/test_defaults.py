@@ -225,3 +225,16 @@ def test_a_run_written_before_the_posterior_phase_resumes_as_it_ran(corpus, stag
         train(BCStage(), bc(corpus, stage1, out, resume=True))
     train(BCStage(), bc(corpus, stage1, out, resume=True, posterior_fraction=0.0))
     assert [r["step"] for r in records(out)] == list(range(1, 9))
+
+
+def test_posterior_step_benchmark_times_each_variant(stage1, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_posterior_step
+    out = tmp_path / "step.json"
+    result = bench_posterior_step.main(["--model", str(stage1), "--batch", "2", "--block", "16", "--positions", "4",
+                                        "--repeats", "1", "--threads", "1", "--out", str(out)])
+    assert [r["variant"] for r in result["rows"]] == ["cloning", "posterior, all positions", "posterior, 4 positions"]
+    assert result["rows"][0]["x_cloning_step"] == 1.0 and all(r["seconds"] > 0 for r in result["rows"])
+    assert json.loads(out.read_text()) == result
+    with pytest.raises(SystemExit):
+        bench_posterior_step.main(["--model", str(stage1), "--block", "16", "--positions", "15", "--out", str(out)])
