@@ -30,7 +30,7 @@ BC_EPILOG = """examples:
   bwarea bc --model runs/s1 --data corpus.txt --out runs/bc --max-steps 600
   bwarea bc ... --posterior-fraction 0.5 --posterior-lr 5e-4   # a longer posterior phase, its own peak rate
   bwarea bc ... --posterior-fraction 0                         # behaviour cloning only (fast)
-  bwarea bc ... --posterior-positions 32                       # posterior steps on 32 random positions per block
+  bwarea bc ... --posterior-positions 32                       # cheaper posterior steps, on 32 random positions
   bwarea bc --model runs/s1 --data corpus.txt --out runs/bc --policy-init keep --targets soft
   bwarea bc --model runs/bc --data corpus.txt --out runs/bc2 --policy-init keep --targets posterior
   bwarea bc ... --save-dtype bfloat16     # a complete model for bwarea generate --model runs/bc
