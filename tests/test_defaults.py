@@ -18,14 +18,6 @@ from bwarea.train.settings import DEFAULT_POSTERIOR_FRACTION
 WORDS = "the king said to his lord that all men shall go forth and the queen did weep for her son".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("text")

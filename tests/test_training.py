@@ -19,15 +19,6 @@ WORDS = ("the king said unto the queen that the people of the city went up to th
          "spoke of war and peace and of the sea").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: one thread does the work without waiting on a second one on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("text")
