@@ -82,18 +82,21 @@ def train_runs(args, runs: Path) -> None:
                                   max_steps=args.posterior_steps, policy_init="keep", targets="posterior", **common))
 
 
-def compare(runs: Path, data, max_blocks: int | None, final_name: str | None = None) -> dict:
+def compare(runs: Path, data, max_blocks: int | None, final_name: str | None = None,
+            final_eval: Path | None = None) -> dict:
     """Evaluate the finished runs on held-out ``data`` -> the result row with ratios and target checks.
 
     final_name: the run folder of the finished BWArea model (default: bc-posterior if it exists, else bc).
+    final_eval: `bwarea eval --json` output of that model on the same data, used instead of evaluating it again
+    (the exact evaluation scores all 64 actions at every position: on a CPU it is the slow part).
     """
     if final_name is None:
         final_name = "bc-posterior" if (runs / "bc-posterior" / "model.safetensors").is_file() else "bc"
     final = runs / final_name
     common = dict(data=data, max_blocks=max_blocks, cache_dir=runs / "cache", progress=False)
-    bwarea = evaluate(final, **common)
-    bc_only = evaluate(runs / "bc", **common) if final.name != "bc" else bwarea
     llama = evaluate(runs / "llama", **common)
+    bwarea = reuse_eval(final_eval, final, llama) if final_eval else evaluate(final, **common)
+    bc_only = evaluate(runs / "bc", **common) if final.resolve() != (runs / "bc").resolve() else bwarea
     s1_rate, llama_rate = throughput(runs / "s1"), throughput(runs / "llama")
     base = llama["lm_ppl"]
     result = {
@@ -114,6 +117,21 @@ def compare(runs: Path, data, max_blocks: int | None, final_name: str | None = N
         "code_perplexity >= 24": result["code_perplexity"] >= 24,
         "stage-1 throughput >= 0.6 x baseline": result["throughput_ratio"] >= 0.6,
     }
+    return result
+
+
+def reuse_eval(path: Path, model: Path, llama: dict) -> dict:
+    """The last JSON line of ``path`` (`bwarea eval --json`), checked to be ``model``'s on the data ``llama`` was
+    evaluated on (same tokenizer and block size, so the same token count)."""
+    lines = path.read_text().strip().splitlines()
+    if not lines:
+        raise SystemExit(f"--final-eval {path} is empty")
+    result = json.loads(lines[-1])
+    if Path(result.get("model", "")).resolve() != model.resolve():
+        raise SystemExit(f"--final-eval {path} evaluated {result.get('model')}, not the final model {model}")
+    if result.get("tokens") != llama["tokens"]:
+        raise SystemExit(f"--final-eval {path} scored {result.get('tokens')} tokens, but the held-out data here "
+                         f"has {llama['tokens']}: it was evaluated on other data or blocks")
     return result
 
 
@@ -142,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--val-data", nargs="+", help="held-out text (training mode)")
     p.add_argument("--runs", type=Path, help="compare the finished runs in this folder instead of training")
     p.add_argument("--final", help="run folder of the finished BWArea model (default bc-posterior if present, else bc)")
+    p.add_argument("--final-eval", type=Path, default=None,
+                   help="--runs mode: `bwarea eval --json` output of the final model on the same --data, used "
+                        "instead of evaluating it again")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training_quality"),
                    help="output prefix: writes PREFIX.json and PREFIX.md")
     p.add_argument("--work", type=Path, default=Path("runs/bench-training-quality"), help="training mode's runs")
@@ -175,7 +196,9 @@ def main(argv=None) -> int:
         runs, held_out = args.work, args.val_data
     else:
         runs, held_out = args.runs, args.data
-    result = compare(runs, held_out, args.max_blocks, args.final)
+    if args.final_eval is not None and args.runs is None:
+        p.error("--final-eval is read in --runs mode only (training mode evaluates what it trains)")
+    result = compare(runs, held_out, args.max_blocks, args.final, args.final_eval)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     text = table(result)

@@ -40,7 +40,8 @@
 # by lines: the last HOLDOUT_PERCENT is held out (never trained on, tokenizer included; the card's numbers), the
 # VAL_PERCENT before it is the validation split (chooses the candidate), the rest trains. No network is needed.
 # Everything lands in $WORK: the final model in $WORK/final (a link to the chosen run), eval_bwarea.json,
-# quality.md/.json (the benchmark's table), selection.json (every candidate), timing.json, logs/. The final
+# quality.md/.json (the benchmark's table), text.md/.json/.png (its samples and their judged quality beside the
+# shipped model's), selection.json (every candidate), targets.json, timing.json, logs/. The final
 # model (bf16 safetensors + tokenizer) is copied into the package unless INSTALL=0, and EXPORT=DIR packs what a
 # GPU machine should send back into two files. accelerate picks the device
 # (cuda if present) and bf16 autocast where supported; on a GPU the runs of a step go side by side (PARALLEL=1).
@@ -69,6 +70,9 @@ EVAL_MAX_BLOCKS=${EVAL_MAX_BLOCKS:-}      # evaluate at most N blocks (smoke run
 EVAL_BLOCKS=${EVAL_BLOCKS:-256}            # validation blocks the training runs report on (every 500 steps, at the end)
 SAVE_EVERY=${SAVE_EVERY:-100}              # checkpoint every N steps: what an interruption can cost at most
 EXPORT=${EXPORT:-}                         # a folder: gets model.safetensors + default-model.tgz (the rest, reports)
+TEXT_REFERENCE=${TEXT_REFERENCE:-src/bwarea/default_model}   # the model whose text the final one's is judged against
+TEXT_PROMPTS=${TEXT_PROMPTS:-src/bwarea/default_model/heldout.txt}   # held-out lines: the samples' prompts
+TEXT_ARGS=${TEXT_ARGS:-}                   # more options of benchmarks/bench_default_text.py (e.g. --num-prompts 64)
 SHAPE="--hidden-size 256 --layers 4 --heads 4 --kv-heads 2 --intermediate-size 512 --max-positions 1024"
 # --save-every is added when a run starts, not here: it is no part of a run's record (changing it retrains nothing).
 COMMON="--block-size $BLOCK --batch-size $BATCH --log-every 50 --eval-every 500 --seed 0 --no-progress --eval-blocks $EVAL_BLOCKS"
@@ -326,8 +330,10 @@ if begin eval-final "$rec" "$WORK/eval_bwarea.json"; then
     cat "$WORK/eval_bwarea.json"
     finish eval-final "$rec" "$t0"
 fi
-cmd="benchmarks/bench_training_quality.py --runs $WORK --final final --data $HELDOUT ${EVAL_MAX_BLOCKS:+--max-blocks $EVAL_MAX_BLOCKS}"
-rec=$(record "$cmd" selection)
+# It takes the final model's numbers from eval-final rather than scoring all 64 actions at every position again.
+cmd="benchmarks/bench_training_quality.py --runs $WORK --final final --final-eval $WORK/eval_bwarea.json \
+--data $HELDOUT ${EVAL_MAX_BLOCKS:+--max-blocks $EVAL_MAX_BLOCKS}"
+rec=$(record "$cmd" eval-final)
 if begin quality "$rec" "$WORK/quality.json"; then
     # Exit status 1 means targets missed, and a crash too: the files it writes last tell them apart.
     rm -f "$WORK/quality-new.json" "$WORK/quality-new.md"
@@ -338,14 +344,28 @@ if begin quality "$rec" "$WORK/quality.json"; then
     mv "$WORK/quality-new.json" "$WORK/quality.json"
     finish quality "$rec" "$t0"
 fi
+# The text the final model writes, beside the model it would replace (the shipped one unless TEXT_REFERENCE),
+# judged by the Llama baseline: the samples for the card, and whether its text got worse.
+cmd="benchmarks/bench_default_text.py --candidate $FINAL --reference $TEXT_REFERENCE --judge $WORK/llama \
+--prompts $TEXT_PROMPTS --no-progress $TEXT_ARGS"
+rec=$(record "$cmd" selection)   # the reference as it was when this ran: installing the final model is no reason to redo it
+if begin text "$rec" "$WORK/text.json"; then
+    "$PY" $cmd --out "$WORK/text-new"
+    mv "$WORK/text-new.md" "$WORK/text.md"
+    [ -f "$WORK/text-new.png" ] && mv "$WORK/text-new.png" "$WORK/text.png"
+    mv "$WORK/text-new.json" "$WORK/text.json"
+    finish text "$rec" "$t0"
+fi
 # The default model's own targets (issue 14, part 4), stricter than the benchmark's. Instant: checked every time.
 "$PY" - "$WORK" <<'EOF'
 import json, os, sys
 from pathlib import Path
 work = Path(sys.argv[1])
 q = json.loads((work / "quality.json").read_text())
+text = json.loads((work / "text.json").read_text())
 targets = {"lm_ppl <= 1.05 x baseline": q["lm_ppl_ratio"] <= 1.05, "codes_used >= 60": q["codes_used"] >= 60,
-           "code_perplexity >= 40": q["code_perplexity"] >= 40}
+           "code_perplexity >= 40": q["code_perplexity"] >= 40,
+           "text not worse than the reference's (text.md)": text["verdict"]["not_worse"]}
 (work / "targets.json.tmp").write_text(json.dumps({"lm_ppl_ratio": q["lm_ppl_ratio"], **targets}, indent=1))
 os.replace(work / "targets.json.tmp", work / "targets.json")
 print(f"held-out lm_ppl {q['lm_ppl']:.2f} = {q['lm_ppl_ratio']:.3f} x baseline {q['baseline_ppl']:.2f}; "
@@ -367,13 +387,13 @@ fi
 # 7. Two files to carry back from a GPU machine: the weights, and a tarball of the model's other files and the
 #    reports (unpack it into $WORK, put model.safetensors into $WORK/final/).
 if [ -n "$EXPORT" ]; then
-    rec=$(record "export $EXPORT" eval-final quality)
+    rec=$(record "export $EXPORT" eval-final quality text)
     if begin export "$rec" "$EXPORT/default-model.tgz"; then
         mkdir -p "$EXPORT"
         cp "$FINAL/model.safetensors" "$EXPORT/"
         tar -czhf "$EXPORT/default-model.tgz" -C "$WORK" final/config.json final/tokenizer.json \
             final/tokenizer_config.json final/training.json quality.md quality.json selection.json targets.json \
-            timing.json eval_bwarea.json logs
+            text.md text.json timing.json eval_bwarea.json logs
         ls -l "$EXPORT"
         finish export "$rec" "$t0"
     fi

@@ -61,6 +61,26 @@ def test_training_mode_trains_every_run_and_writes_the_table(text, tmp_path):
     assert "lm_ppl <= 1.10 x baseline" in out.with_suffix(".md").read_text()
     assert (work / "data" / "heldout" / "corpus.txt").is_file()
 
+    # Runs mode on the same runs, with the final model's numbers taken from a `bwarea eval --json` of it: the
+    # same table as evaluating it here. An evaluation of another model, or of other blocks, is refused by name.
+    from bwarea.evaluate import evaluate
+    held_out = [str(work / "data" / "heldout" / "corpus.txt")]
+    final = work / "bc-posterior"
+    saved = tmp_path / "eval.json"
+    common = dict(data=held_out, max_blocks=4, cache_dir=work / "cache", progress=False)
+    saved.write_text("progress lines before it are skipped\n" + json.dumps(evaluate(final, **common)) + "\n")
+    args = ["--runs", str(work), "--data", *held_out, "--max-blocks", "4", "--out", str(tmp_path / "again")]
+    main([*args, "--final-eval", str(saved)])
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert {k: again[k] for k in ("lm_ppl", "codes_used", "baseline_ppl", "lm_ppl_bc_only")} == \
+        {k: result[k] for k in ("lm_ppl", "codes_used", "baseline_ppl", "lm_ppl_bc_only")}
+    saved.write_text(json.dumps(evaluate(work / "bc", **common)))
+    with pytest.raises(SystemExit, match="not the final model"):
+        main([*args, "--final-eval", str(saved)])
+    saved.write_text(json.dumps(evaluate(final, **{**common, "max_blocks": 3})))
+    with pytest.raises(SystemExit, match="scored 93 tokens, but the held-out data here has 124"):
+        main([*args, "--final-eval", str(saved)])
+
 
 def test_generation_benchmark_writes_every_row(tmp_path, capsys):
     out = tmp_path / "gen.json"

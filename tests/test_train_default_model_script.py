@@ -18,7 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_default_model.sh"
 TINY = dict(STEPS="4", BC_STEPS="4", BATCH="2", BLOCK="32", VOCAB="300", EVAL_BLOCKS="2", EVAL_MAX_BLOCKS="2",
-            POSTERIOR_FRACTIONS="0 0.5", SAVE_EVERY="2", INSTALL="0")
+            POSTERIOR_FRACTIONS="0 0.5", SAVE_EVERY="2", INSTALL="0",
+            TEXT_ARGS="--num-prompts 3 --k 2 --new-tokens 8 --samples 1 --bootstrap 50 --no-plot")
 RUNS = ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5")  # the run folders of the tiny sweep
 WORDS = ("the lord king and of to my thy thou shall love night day sword heaven earth god man woman sea fire "
          "speak said unto them is was be not with").split()
@@ -87,8 +88,14 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     selection = (work / "selection.json").read_text()
     times = checkpoint_times(work)
     assert "bc-4-0.5/checkpoints/step-000002" in times and "bc-4-0.5/model.safetensors" in times
-    for name in ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5", "val-bc-4-0", "selection", "quality"):
+    for name in ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5", "val-bc-4-0", "selection", "quality", "text"):
         assert (work / "done" / name).is_file(), name
+    # The final model's samples beside the shipped model's, judged by the baseline; the verdict joins the targets.
+    text = json.loads((work / "text.json").read_text())
+    assert text["judge"] == str(work / "llama") and len(text["samples"]) == 1 and "## Samples" in \
+        (work / "text.md").read_text()
+    targets = json.loads((work / "targets.json").read_text())
+    assert targets["text not worse than the reference's (text.md)"] == text["verdict"]["not_worse"]
     assert not list(work.rglob("*.tmp")), "an atomic write left its temporary file"
     json.loads((work / "logs" / "val-llama-4.json").read_text())
 
@@ -122,7 +129,7 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     changed = run_script(tmp_path, BC_STEPS="6", PARALLEL="1")
     finished(changed)
     assert started_steps(changed.log) == {"bc-4-0", "bc-4-0.5", "val-bc-4-0", "val-bc-4-0.5", "selection",
-                                          "eval-final", "quality"}, changed.log
+                                          "eval-final", "quality", "text"}, changed.log
     assert "bc-4-0: its command or inputs changed since it was started: starting it again (--overwrite)" \
         in changed.log
     assert all(times[k] == checkpoint_times(work)[k] for k in times if k.startswith(("s1-4/", "llama-4/")))

@@ -1,0 +1,63 @@
+"""benchmarks/bench_default_text.py: the samples of two models judged side by side. The shipped model against
+itself must come out equal, and against a copy with damaged weights it must come out worse."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bwarea import default_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_default_text  # noqa: E402
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+def test_repetition_counts_word_ngrams_seen_earlier_in_the_same_text():
+    assert bench_default_text.repetition("a b c d e f".split()) == 0.0
+    # 4-grams: abcd bcda cdab dabc abcd -> the last one repeats the first
+    assert bench_default_text.repetition("a b c d a b c".split() + ["d"]) == pytest.approx(1 / 5)
+    assert bench_default_text.repetition("a b c".split()) == 0.0  # no 4-gram at all
+
+
+def run(tmp_path, candidate, name):
+    out = tmp_path / name
+    plot = [] if HAS_MATPLOTLIB else ["--no-plot"]
+    model = str(default_model.path())
+    assert bench_default_text.main(["--candidate", str(candidate), "--judge", model, "--num-prompts", "4",
+                                    "--k", "2", "--new-tokens", "12", "--samples", "2", "--bootstrap", "200",
+                                    "--out", str(out), "--no-progress", *plot]) == 0
+    assert out.with_suffix(".png").is_file() == HAS_MATPLOTLIB
+    assert "## Samples" in out.with_suffix(".md").read_text()
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.mark.slow
+def test_the_same_model_is_not_worse_and_a_damaged_one_is(tmp_path):
+    same = run(tmp_path, default_model.path(), "same")
+    for setting in ("sampled", "greedy"):
+        rows = same["settings"][setting]
+        assert rows["ratio"] == pytest.approx(1.0) and rows["ratio_interval"] == pytest.approx([1.0, 1.0])
+        assert rows["candidate"] == rows["reference"]
+    assert same["verdict"]["not_worse"] is True
+    assert len(same["samples"]) == 2 and all(s["candidate"] == s["reference"] for s in same["samples"])
+    assert len(same["texts"]["candidate/sampled"]) == 4 and len(same["texts"]["candidate/sampled"][0]) == 2
+
+    # Noise on every weight: the text it writes is judged far less likely, and the verdict says so.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(default_model.path(), damaged)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {name: (t.float() + 0.7 * t.float().std() * torch.randn(t.shape, generator=generator)).to(t.dtype)
+               if t.is_floating_point() and t.numel() > 1 else t
+               for name, t in load_file(damaged / "model.safetensors").items()}
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    worse = run(tmp_path, damaged, "worse")
+    assert worse["settings"]["sampled"]["ratio_interval"][0] > 1
+    assert worse["verdict"]["not_worse"] is False
+    assert worse["verdict"]["checks"]["sampled"]["judge_ppl_not_significantly_higher"] is False
