@@ -42,7 +42,8 @@
 # Everything lands in $WORK: the final model in $WORK/final (a link to the chosen run), eval_bwarea.json,
 # quality.md/.json (the benchmark's table), text.md/.json/.png (its samples and their judged quality beside the
 # shipped model's), selection.json (every candidate), targets.json, timing.json, logs/. The final
-# model (bf16 safetensors + tokenizer) is copied into the package unless INSTALL=0, and EXPORT=DIR packs what a
+# model (bf16 safetensors + tokenizer) is copied into the package unless INSTALL=0 or its text is judged worse
+# than the shipped model's (INSTALL=force: regardless), and EXPORT=DIR packs what a
 # GPU machine should send back into two files. accelerate picks the device
 # (cuda if present) and bf16 autocast where supported; on a GPU the runs of a step go side by side (PARALLEL=1).
 set -euo pipefail
@@ -82,6 +83,7 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"   # runs from a checkout with
 for f in shakespeare.txt kjv.txt; do
     [ -f "$CORPORA/$f" ] || { echo "CORPORA=$CORPORA has no $f (set CORPORA to the folder holding it)" >&2; exit 2; }
 done
+case "$INSTALL" in 0|1|force) ;; *) echo "INSTALL=$INSTALL: give 1 (install unless its text got worse), 0 or force" >&2; exit 2;; esac
 case "$SAVE_EVERY" in ''|*[!0-9]*|0) echo "SAVE_EVERY=$SAVE_EVERY: give a whole number of steps >= 1" >&2; exit 2;; esac
 if [ -z "${PARALLEL:-}" ]; then
     PARALLEL=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
@@ -399,16 +401,24 @@ if [ -n "$EXPORT" ]; then
     fi
 fi
 
-# 8. Ship it: bf16 weights, config and tokenizer into the package.
-if [ "$INSTALL" = "1" ]; then
-    rec=$(record "install into src/bwarea/default_model" eval-final)
-    if begin install "$rec" src/bwarea/default_model/model.safetensors; then
-        for f in model.safetensors config.json tokenizer.json tokenizer_config.json training.json; do
-            cp "$FINAL/$f" src/bwarea/default_model/
-        done
-        cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
-        ls -l src/bwarea/default_model/
-        finish install "$rec" "$t0"
+# 8. Ship it: bf16 weights, config and tokenizer into the package, unless its text is judged worse than the
+#    shipped model's (a limit of the default model: users see its text first); INSTALL=force ships it anyway.
+if [ "$INSTALL" != "0" ]; then
+    worse=$("$PY" -c "import json, sys; print(int(not json.load(open(sys.argv[1]))['verdict']['not_worse']))" \
+        "$WORK/text.json")
+    if [ "$worse" = "1" ] && [ "$INSTALL" != "force" ]; then
+        say "install: not done: the final model's text is judged worse than the shipped model's (see" \
+            "$WORK/text.md); INSTALL=force installs it anyway"
+    else
+        rec=$(record "install into src/bwarea/default_model" eval-final text)
+        if begin install "$rec" src/bwarea/default_model/model.safetensors; then
+            for f in model.safetensors config.json tokenizer.json tokenizer_config.json training.json; do
+                cp "$FINAL/$f" src/bwarea/default_model/
+            done
+            cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
+            ls -l src/bwarea/default_model/
+            finish install "$rec" "$t0"
+        fi
     fi
 fi
 say "finished: $ran steps run, $skipped done before and skipped"

@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,11 @@ def corpora(folder: Path) -> Path:
     return folder
 
 
-def run_script(tmp_path: Path, **settings) -> subprocess.CompletedProcess:
+def run_script(tmp_path: Path, script: Path = SCRIPT, **settings) -> subprocess.CompletedProcess:
     env = {**os.environ, **TINY, "CORPORA": str(tmp_path / "corpora"), "WORK": str(tmp_path / "work"),
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PARALLEL": "0", **settings}
     env.pop("PYTHONPATH", None)
-    result = subprocess.run(["nice", "-n", "19", "bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+    result = subprocess.run(["nice", "-n", "19", "bash", str(script)], env=env, capture_output=True, text=True,
                             timeout=600)
     result.log = result.stdout + result.stderr
     return result
@@ -151,3 +152,46 @@ def test_save_every_must_be_a_positive_whole_number(tmp_path):
     corpora(tmp_path / "corpora")
     result = run_script(tmp_path, SAVE_EVERY="0")
     assert result.returncode == 2 and "SAVE_EVERY=0" in result.log
+
+
+@pytest.mark.slow  # about a minute: one tiny sweep, then the install step a few times
+def test_install_ships_a_model_whose_text_is_not_worse_and_else_only_when_forced(tmp_path):
+    """In a copy of the repository (install writes into the package next to the script). The verdict of the text
+    step (bench_default_text.py, tested on its own) decides: "worse" leaves the package alone and says why,
+    INSTALL=force ships it anyway, "not worse" ships it. A bad INSTALL value is refused."""
+    repo = tmp_path / "repo"
+    for part in ("scripts", "benchmarks", "src"):
+        shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    script = repo / "scripts" / "train_default_model.sh"
+    corpora(tmp_path / "corpora")
+    work, package = tmp_path / "work", repo / "src" / "bwarea" / "default_model"
+    shipped = (package / "model.safetensors").read_bytes()
+    trained = lambda: (work / "final" / "model.safetensors").read_bytes()  # noqa: E731
+
+    def judged(not_worse: bool) -> None:
+        """Set the text step's verdict (its record is unchanged, so a rerun keeps it)."""
+        text = json.loads((work / "text.json").read_text())
+        text["verdict"]["not_worse"] = not_worse
+        (work / "text.json").write_text(json.dumps(text))
+
+    finished(run_script(tmp_path, script=script))  # INSTALL=0: the sweep only
+    assert (package / "model.safetensors").read_bytes() == shipped
+    judged(False)
+    kept = run_script(tmp_path, script=script, INSTALL="1")
+    finished(kept)
+    assert "install: not done: the final model's text is judged worse" in kept.log
+    assert (package / "model.safetensors").read_bytes() == shipped and not (work / "done" / "install").exists()
+
+    finished(run_script(tmp_path, script=script, INSTALL="force"))
+    assert (package / "model.safetensors").read_bytes() == trained() != shipped
+    assert json.loads((package / "config.json").read_text())["vocab_size"] == 300
+    assert (package / "eval.json").read_text() == (work / "eval_bwarea.json").read_text()
+
+    (package / "model.safetensors").write_bytes(shipped)
+    (work / "done" / "install").unlink()
+    judged(True)
+    finished(run_script(tmp_path, script=script, INSTALL="1"))
+    assert (package / "model.safetensors").read_bytes() == trained()
+
+    bad = run_script(tmp_path, script=script, INSTALL="yes")
+    assert bad.returncode == 2 and "INSTALL=yes: give 1" in bad.log
