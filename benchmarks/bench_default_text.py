@@ -17,8 +17,10 @@ model predicts text, not how its own samples read, so this script looks at the s
 Reported per model and setting: judge_ppl; the candidate's judge_ppl over the reference's with a 95% interval
 from a paired bootstrap over prompts; within each prompt's k continuations distinct-2/3 and self-BLEU (the
 measures of bench_diversity.py); repetition, the share of a continuation's word 4-grams that already occurred
-earlier in it (greedy loops show up here), averaged. The candidate's text is "not worse" when, under every
-setting, the interval does not lie wholly above 1 and its repetition is at most the reference's + 0.02.
+earlier in it (greedy loops show up here), averaged; with --train-text, copied, the share of the samples' word
+6-grams found in the training text (a judge trained on that text favours text copied from it).
+The candidate's text is "not worse" when, under every setting, the interval does not lie wholly above 1 and its
+repetition is at most the reference's + 0.02.
 Writes OUT.json, OUT.md (the table, then --samples prompts with both models' first sampled continuation) and
 OUT.png.
 
@@ -53,6 +55,31 @@ from bwarea.tokenizer import load_tokenizer  # noqa: E402
 
 SETTINGS = {"sampled": [], "greedy": ["--greedy"]}  # `bwarea generate` flags; [] = its defaults
 REPETITION_SLACK = 0.02
+
+
+COPY_N = 6  # word n-grams looked up in the training text: long enough that a hit is copying, not idiom
+
+
+def training_ngrams(paths: list[Path], n: int = COPY_N) -> set[int]:
+    """Hashes of every word n-gram of the text files in ``paths`` (a folder: its *.txt files)."""
+    files = []
+    for p in paths:
+        if not p.exists():
+            raise SystemExit(f"--train-text {p}: no such file or folder")
+        files += sorted(p.glob("*.txt")) if p.is_dir() else [p]
+    if not files:
+        raise SystemExit(f"--train-text {' '.join(map(str, paths))}: no .txt files there")
+    grams = set()
+    for f in files:
+        words = f.read_text(encoding="utf-8").split()
+        grams.update(hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1))
+    return grams
+
+
+def copied(texts: list[list[str]], grams: set[int], n: int = COPY_N) -> float:
+    """Share of the word n-grams of ``texts`` (word lists) found in ``grams`` (0 when there are none)."""
+    mine = [hash(g) for words in texts for g in ngrams(words, n)]
+    return sum(g in grams for g in mine) / len(mine) if mine else 0.0
 
 
 def repetition(words: list[str], n: int = 4) -> float:
@@ -120,7 +147,8 @@ def bootstrap_ratio(cand: np.ndarray, ref: np.ndarray, resamples: int, seed: int
     return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
-def measure(groups: list[list[str]], prompts: list[str], judge, device, progress: bool = True) -> tuple:
+def measure(groups: list[list[str]], prompts: list[str], judge, device, progress: bool = True,
+            train_grams: set[int] | None = None) -> tuple:
     """Metrics of one model under one setting -> (metrics, per-prompt (nll, tokens))."""
     per_prompt = np.array([[sum(x) for x in zip(*(judge_nll(judge, p, c, device) for c in group))]
                            for p, group in tqdm(list(zip(prompts, groups)), desc="judging", unit="prompt",
@@ -129,6 +157,8 @@ def measure(groups: list[list[str]], prompts: list[str], judge, device, progress
     metrics = {"judge_ppl": math.exp(per_prompt[:, 0].sum() / per_prompt[:, 1].sum()),
                "judge_tokens": int(per_prompt[:, 1].sum()),
                "repetition": float(np.mean([repetition(w) for group in words for w in group]))}
+    if train_grams is not None:
+        metrics["copied"] = copied([w for group in words for w in group], train_grams)
     if len(groups[0]) > 1:
         metrics |= {"distinct_2": float(np.mean([distinct_n(g, 2) for g in words])),
                     "distinct_3": float(np.mean([distinct_n(g, 3) for g in words])),
@@ -139,7 +169,7 @@ def measure(groups: list[list[str]], prompts: list[str], judge, device, progress
 def table(result: dict) -> str:
     names = result["models"]
     lines = ["| setting | model | judge ppl | / reference [95% interval] | distinct-2 | distinct-3 | self-BLEU "
-             "| repetition |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| repetition | copied |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda m, key: f"{m[key]:.3f}" if key in m else "-"  # noqa: E731
     for setting, rows in result["settings"].items():
         for role in ("reference", "candidate"):
@@ -148,7 +178,7 @@ def table(result: dict) -> str:
                      if role == "candidate" else "1")
             lines.append(f"| {setting} | {role}: {names[role]} | {m['judge_ppl']:.2f} | {ratio} | "
                          f"{fmt(m, 'distinct_2')} | {fmt(m, 'distinct_3')} | {fmt(m, 'self_bleu')} | "
-                         f"{m['repetition']:.3f} |")
+                         f"{m['repetition']:.3f} | {fmt(m, 'copied')} |")
     v = result["verdict"]
     lines.append(f"\ncandidate's text not worse: **{v['not_worse']}** ({v['rule']})")
     return "\n".join(lines)
@@ -201,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--k", type=int, default=4, help="sampled continuations per prompt (>= 2)")
     p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--train-text", type=Path, nargs="+", default=None,
+                   help="the training text (files or folders of .txt): report the share of copied word 6-grams")
     p.add_argument("--samples", type=int, default=6, help="prompts whose continuations OUT.md shows")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -219,6 +251,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     prompts = pick_prompts(args.prompts, args.num_prompts)
     judge = judge_scorer(args.judge, args.judge_tokenizer or args.judge, device)
+    train_grams = training_ngrams(args.train_text) if args.train_text else None
     paths = {"reference": args.reference or default_model.path(), "candidate": args.candidate}
     start = time.perf_counter()
     texts, per_prompt, settings = {}, {}, {s: {} for s in SETTINGS}
@@ -229,7 +262,8 @@ def main(argv=None) -> int:
             print(f"{role} ({path}), {setting}: {len(prompts)} prompts x {k}", flush=True)
             groups = write(model, tokenizer, prompts, k, args.new_tokens, flags, args.seed)
             texts[role, setting] = groups
-            settings[setting][role], per_prompt[role, setting] = measure(groups, prompts, judge, device, args.progress)
+            settings[setting][role], per_prompt[role, setting] = measure(
+                groups, prompts, judge, device, args.progress, train_grams)
         del model
     for setting, rows in settings.items():
         cand, ref = per_prompt["candidate", setting], per_prompt["reference", setting]
@@ -241,9 +275,11 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "bench_default_text", "device": str(device), "platform": platform.platform(),
         "torch": torch.__version__, "seconds": round(time.perf_counter() - start, 1),
-        "models": {role: str(path) for role, path in paths.items()}, "judge": str(args.judge), "judge_tokenizer": str(args.judge_tokenizer or args.judge),
+        "models": {role: str(path) for role, path in paths.items()}, "judge": str(args.judge),
+        "judge_tokenizer": str(args.judge_tokenizer or args.judge),
         "setup": {"prompts": str(args.prompts), "num_prompts": len(prompts), "k": args.k,
                   "new_tokens": args.new_tokens, "seed": args.seed, "bootstrap": args.bootstrap,
+                  "train_text": [str(t) for t in args.train_text or []], "copied_ngram": COPY_N,
                   "settings": {s: (f or ["(bwarea generate defaults)"]) for s, f in SETTINGS.items()}},
         "settings": settings,
         "verdict": {"not_worse": all(all(c.values()) for c in checks.values()), "checks": checks,

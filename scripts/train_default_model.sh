@@ -349,7 +349,7 @@ fi
 # The text the final model writes, beside the model it would replace (the shipped one unless TEXT_REFERENCE),
 # judged by the Llama baseline: the samples for the card, and whether its text got worse.
 cmd="benchmarks/bench_default_text.py --candidate $FINAL --reference $TEXT_REFERENCE --judge $WORK/llama \
---prompts $TEXT_PROMPTS --no-progress $TEXT_ARGS"
+--prompts $TEXT_PROMPTS --train-text $WORK/data/train --no-progress $TEXT_ARGS"
 rec=$(record "$cmd" selection)   # the reference as it was when this ran: installing the final model is no reason to redo it
 if begin text "$rec" "$WORK/text.json"; then
     "$PY" $cmd --out "$WORK/text-new"

@@ -26,12 +26,30 @@ def test_repetition_counts_word_ngrams_seen_earlier_in_the_same_text():
     assert bench_default_text.repetition("a b c".split()) == 0.0  # no 4-gram at all
 
 
+def test_copied_is_the_share_of_word_6grams_found_in_the_training_text(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.txt").write_text("one two three four five six seven\n")
+    (tmp_path / "train" / "notes.md").write_text("eight nine ten eleven twelve thirteen\n")  # not a .txt: unread
+    grams = bench_default_text.training_ngrams([tmp_path / "train"])
+    copied = "one two three four five six seven".split()  # both of its 6-grams are in the text
+    assert bench_default_text.copied([copied], grams) == 1.0
+    assert bench_default_text.copied(["zero one two three four five six".split()], grams) == pytest.approx(1 / 2)
+    assert bench_default_text.copied(["eight nine ten eleven twelve thirteen".split()], grams) == 0.0
+    assert bench_default_text.copied([["too", "short"]], grams) == 0.0
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        bench_default_text.training_ngrams([tmp_path / "not-there"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no .txt files there"):
+        bench_default_text.training_ngrams([tmp_path / "empty"])
+
+
 def run(tmp_path, candidate, name):
     out = tmp_path / name
     plot = [] if HAS_MATPLOTLIB else ["--no-plot"]
     model = str(default_model.path())
     assert bench_default_text.main(["--candidate", str(candidate), "--judge", model, "--num-prompts", "4",
                                     "--k", "2", "--new-tokens", "12", "--samples", "2", "--bootstrap", "200",
+                                    "--train-text", str(default_model.path() / "heldout.txt"),
                                     "--out", str(out), "--no-progress", *plot]) == 0
     assert out.with_suffix(".png").is_file() == HAS_MATPLOTLIB
     assert "## Samples" in out.with_suffix(".md").read_text()
@@ -46,6 +64,7 @@ def test_the_same_model_is_not_worse_and_a_damaged_one_is(tmp_path):
         assert rows["ratio"] == pytest.approx(1.0) and rows["ratio_interval"] == pytest.approx([1.0, 1.0])
         assert rows["candidate"] == rows["reference"]
     assert same["verdict"]["not_worse"] is True
+    assert 0 <= same["settings"]["sampled"]["candidate"]["copied"] <= 1
     assert len(same["samples"]) == 2 and all(s["candidate"] == s["reference"] for s in same["samples"])
     assert len(same["texts"]["candidate/sampled"]) == 4 and len(same["texts"]["candidate/sampled"][0]) == 2
 

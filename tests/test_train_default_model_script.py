@@ -95,6 +95,8 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     text = json.loads((work / "text.json").read_text())
     assert text["judge"] == str(work / "llama") and len(text["samples"]) == 1 and "## Samples" in \
         (work / "text.md").read_text()
+    assert text["setup"]["train_text"] == [str(work / "data" / "train")]
+    assert 0 <= text["settings"]["sampled"]["candidate"]["copied"] <= 1
     targets = json.loads((work / "targets.json").read_text())
     assert targets["text not worse than the reference's (text.md)"] == text["verdict"]["not_worse"]
     assert not list(work.rglob("*.tmp")), "an atomic write left its temporary file"
