@@ -55,8 +55,6 @@ from bwarea.tokenizer import load_tokenizer  # noqa: E402
 
 SETTINGS = {"sampled": [], "greedy": ["--greedy"]}  # `bwarea generate` flags; [] = its defaults
 REPETITION_SLACK = 0.02
-
-
 COPY_N = 6  # word n-grams looked up in the training text: long enough that a hit is copying, not idiom
 
 
