@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_diversity import distinct_n, llama_scorer, ngrams, pick_prompts, self_bleu  # noqa: E402
+from outputs import output  # noqa: E402
 
 from bwarea import default_model  # noqa: E402
 from bwarea.cli import build_parser  # noqa: E402
@@ -138,10 +139,15 @@ def judge_nll(judge, prompt: str, continuation: str, device) -> tuple[float, int
 def bootstrap_ratio(cand: np.ndarray, ref: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
     """95% interval of judge_ppl(candidate) / judge_ppl(reference) over prompts resampled together.
     cand, ref: (prompts, 2) summed NLL and tokens per prompt."""
+    if cand[:, 1].sum() == 0:
+        return math.inf, math.inf  # it wrote nothing the judge could score: no text is not "not worse"
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(cand), size=(resamples, len(cand)))
     c, r = cand[picks].sum(1), ref[picks].sum(1)
-    ratios = np.exp(c[:, 0] / c[:, 1] - r[:, 0] / r[:, 1])
+    # A prompt can get an empty continuation (the model ended at once): a resample of only such prompts has no
+    # tokens to average over, and is left out rather than turning the interval into nan.
+    scored = (c[:, 1] > 0) & (r[:, 1] > 0)
+    ratios = np.exp(c[scored, 0] / c[scored, 1] - r[scored, 0] / r[scored, 1])
     return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
@@ -152,7 +158,8 @@ def measure(groups: list[list[str]], prompts: list[str], judge, device, progress
                            for p, group in tqdm(list(zip(prompts, groups)), desc="judging", unit="prompt",
                                                 disable=not progress)], dtype=float)
     words = [[c.split() for c in group] for group in groups]
-    metrics = {"judge_ppl": math.exp(per_prompt[:, 0].sum() / per_prompt[:, 1].sum()),
+    tokens = per_prompt[:, 1].sum()
+    metrics = {"judge_ppl": math.exp(per_prompt[:, 0].sum() / tokens) if tokens else math.inf,
                "judge_tokens": int(per_prompt[:, 1].sum()),
                "repetition": float(np.mean([repetition(w) for group in words for w in group]))}
     if train_grams is not None:
@@ -265,6 +272,9 @@ def main(argv=None) -> int:
         del model
     for setting, rows in settings.items():
         cand, ref = per_prompt["candidate", setting], per_prompt["reference", setting]
+        if ref[:, 1].sum() == 0:
+            raise SystemExit(f"the reference {paths['reference']} wrote no text the judge could score under "
+                             f"'{setting}' ({len(prompts)} prompts): nothing to compare the candidate with")
         rows["ratio"] = rows["candidate"]["judge_ppl"] / rows["reference"]["judge_ppl"]
         rows["ratio_interval"] = bootstrap_ratio(cand, ref, args.bootstrap, args.seed)
     checks = {s: {"judge_ppl_not_significantly_higher": rows["ratio_interval"][0] <= 1,
@@ -290,15 +300,15 @@ def main(argv=None) -> int:
         "texts": {f"{role}/{setting}": groups for (role, setting), groups in texts.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    output(args.out, ".json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     md = f"# The text the models write\n\n{table(result)}\n\n{samples_md(result)}"
-    args.out.with_suffix(".md").write_text(md)
+    output(args.out, ".md").write_text(md)
     if args.no_plot:
         pass
     elif importlib.util.find_spec("matplotlib") is None:
         print("no plot: matplotlib is not installed (pip install matplotlib, or pass --no-plot)", flush=True)
     else:
-        plot(result, args.out.with_suffix(".png"))
+        plot(result, output(args.out, ".png"))
     print(table(result))
     return 0
 

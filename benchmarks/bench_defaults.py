@@ -30,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_training_quality import split_lines  # noqa: E402  the benchmark's line split
+from outputs import output  # noqa: E402
 
 TARGET = 1.10
 DONE = "bench_command.json"  # written beside a finished run: the command that made it (for reuse)
@@ -163,11 +164,11 @@ def main(argv=None) -> int:
         "target_met": default["other_ratio"] <= TARGET,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    output(args.out, ".json").write_text(json.dumps(result, indent=1))
     text = table(result)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    output(args.out, ".md").write_text(text + "\n")
     if not args.no_plot:
-        plot(result, args.out.with_suffix(".png"))
+        plot(result, output(args.out, ".png"))
     print(text)
     return 0 if result["target_met"] else 1
 

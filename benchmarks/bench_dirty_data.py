@@ -48,6 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training_quality import split_lines  # noqa: E402  the same held-out split as the other benchmarks
+from outputs import output  # noqa: E402
 
 from bwarea.evaluate import evaluate  # noqa: E402
 from bwarea.tokenizer_train import train_tokenizer  # noqa: E402
@@ -273,7 +274,7 @@ def report(args, rows: list[dict], seconds: float) -> dict:
         "complete": len(rows) == len(args.rates),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    output(args.out, ".json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -330,10 +331,10 @@ def main(argv=None) -> int:
         if not Path(f).is_file():
             p.error(f"--overlay {f} is not a file")
     if args.plot_only:
-        if not args.out.with_suffix(".json").is_file():
-            p.error(f"--plot-only reads {args.out.with_suffix('.json')}, which does not exist")
-        result = json.loads(args.out.with_suffix(".json").read_text())
-        plot([result] + [json.loads(Path(f).read_text()) for f in args.overlay], args.out.with_suffix(".png"))
+        if not output(args.out, ".json").is_file():
+            p.error(f"--plot-only reads {output(args.out, '.json')}, which does not exist")
+        result = json.loads(output(args.out, ".json").read_text())
+        plot([result] + [json.loads(Path(f).read_text()) for f in args.overlay], output(args.out, ".png"))
         print(table(result))
         return 0
 
@@ -353,9 +354,9 @@ def main(argv=None) -> int:
         rows.append({"rate": rate, "corruption": record, **evaluate_rate(args, held_out, runs)})
         result = report(args, rows, time.perf_counter() - start)  # after every rate: a cut-off run keeps its rows
     if not args.no_plot:
-        plot([result] + [json.loads(Path(f).read_text()) for f in args.overlay], args.out.with_suffix(".png"))
+        plot([result] + [json.loads(Path(f).read_text()) for f in args.overlay], output(args.out, ".png"))
     print(table(result))
-    print(f"wrote {args.out.with_suffix('.json')}" + ("" if args.no_plot else f" and {args.out.with_suffix('.png')}"))
+    print(f"wrote {output(args.out, '.json')}" + ("" if args.no_plot else f" and {output(args.out, '.png')}"))
     return 0
 
 

@@ -54,6 +54,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_training_quality import split_lines  # noqa: E402  the shipped model's held-out split
+from outputs import output  # noqa: E402
 
 from bwarea import default_model  # noqa: E402
 from bwarea.loading import load  # noqa: E402
@@ -345,10 +346,10 @@ def main(argv=None) -> int:
         p.error(f"--action-token-temperature must be >= 0, got {args.action_token_temperature}")
 
     if args.plot_only:
-        if not args.out.with_suffix(".json").is_file():
-            p.error(f"--plot-only reads {args.out.with_suffix('.json')}, which does not exist")
-        result = json.loads(args.out.with_suffix(".json").read_text())
-        plot(result, args.out.with_suffix(".png"))
+        if not output(args.out, ".json").is_file():
+            p.error(f"--plot-only reads {output(args.out, '.json')}, which does not exist")
+        result = json.loads(output(args.out, ".json").read_text())
+        plot(result, output(args.out, ".png"))
         print(table(result))
         return 0
 
@@ -382,7 +383,7 @@ def main(argv=None) -> int:
         "action_token_temperature": args.action_token_temperature}
     done, examples = {}, {}  # (policy temperature, token temperature) -> point; the all-greedy point is in both
     if args.reuse:
-        done, examples = reusable_points(args.out.with_suffix(".json"), fingerprint)
+        done, examples = reusable_points(output(args.out, ".json"), fingerprint)
     settings = [("action", t) for t in args.action_temps] + [("token", t) for t in args.token_temps]
     curves = {"action": [], "token": []}
     for mode, temperature in tqdm(settings, desc="sampling", disable=not args.progress):
@@ -419,11 +420,11 @@ def main(argv=None) -> int:
     }
     result["dominance"] = dominance(curves["action"], curves["token"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    output(args.out, ".json").write_text(json.dumps(result, indent=1))
     if not args.no_plot:
-        plot(result, args.out.with_suffix(".png"))
+        plot(result, output(args.out, ".png"))
     print(table(result))
-    print(f"wrote {args.out.with_suffix('.json')}" + ("" if args.no_plot else f" and {args.out.with_suffix('.png')}"))
+    print(f"wrote {output(args.out, '.json')}" + ("" if args.no_plot else f" and {output(args.out, '.png')}"))
     return 0
 
 

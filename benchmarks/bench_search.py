@@ -50,6 +50,7 @@ from bwarea.rl.algorithms.q import QTrainer
 from bwarea.rl.envs.letters import LETTERS, LetterGame
 from bwarea.rl.tasks import make_task
 from bwarea.search import search
+from outputs import output  # benchmarks/outputs.py, beside this script
 
 TASKS = ("keyword", "length", "sentiment", "letters")
 # method -> (search method, options, token temperature, needs the task's Q head)
@@ -200,7 +201,7 @@ def main() -> None:
             summary.setdefault(method, {})[task] = {"budgets_won": wins, "budgets": len(mr[method])}
     results["mcts_vs_token_best_of_n"] = summary
     out.write_text(json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    plot(results, output(out, ".png"))
 
     print(f"\nmean reward over {args.prompts} prompts; budget in world-model token evaluations")
     for task, entry in results["tasks"].items():
@@ -211,7 +212,7 @@ def main() -> None:
     for method, tasks in summary.items():
         won = [t for t, w in tasks.items() if len(w["budgets_won"]) == w["budgets"]]
         print(f"{method} beats token best-of-N at every budget on: {', '.join(won) or 'no task'}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out} and {output(out, '.png')}")
 
 
 if __name__ == "__main__":

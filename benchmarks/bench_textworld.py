@@ -62,6 +62,7 @@ from bwarea.rl.rollout import play_episodes
 from bwarea.tokenizer import load_tokenizer
 from bwarea.tokenizer_train import train_tokenizer
 from bwarea.train import BaselineStage, BCConfig, BCStage, PretrainConfig, PretrainStage, train
+from outputs import output  # benchmarks/outputs.py, beside this script
 
 RESULTS = Path(__file__).parent / "results"
 # kind -> (tw-make challenge and its options, levels cycled by game index). Levels 1-5 need 1-5 commands.
@@ -517,9 +518,9 @@ def main(argv=None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, allow_nan=False))
-    plot(result, out.with_suffix(".png"))
+    plot(result, output(out, ".png"))
     print_table(result)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out} and {output(out, '.png')}")
     return 0
 
 

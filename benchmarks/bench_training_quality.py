@@ -29,6 +29,7 @@ import torch
 from bwarea.evaluate import evaluate
 from bwarea.tokenizer_train import train_tokenizer
 from bwarea.train import BaselineStage, BCConfig, BCStage, PretrainConfig, PretrainStage, train
+from outputs import output  # benchmarks/outputs.py, beside this script
 
 
 def throughput(run: Path) -> float:
@@ -200,9 +201,9 @@ def main(argv=None) -> int:
         p.error("--final-eval is read in --runs mode only (training mode evaluates what it trains)")
     result = compare(runs, held_out, args.max_blocks, args.final, args.final_eval)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    output(args.out, ".json").write_text(json.dumps(result, indent=1))
     text = table(result)
-    args.out.with_suffix(".md").write_text(text + "\n")
+    output(args.out, ".md").write_text(text + "\n")
     print(text)
     return 0 if all(result["targets"].values()) else 1
 

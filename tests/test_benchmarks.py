@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_generation  # noqa: E402
 import bench_kernels  # noqa: E402
 from bench_training_quality import main, split_lines  # noqa: E402
+from outputs import output  # noqa: E402
 
 WORDS = "the king said to his lord that all men shall go forth and the queen did weep for her son".split()
 
@@ -24,6 +25,15 @@ def text(tmp_path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def test_an_output_stem_keeps_its_dots():
+    """--out STEM is a name: valtext-bc-600-0.25 must not write valtext-bc-600-0.json (the 0-fraction run's file),
+    as Path.with_suffix would; a stem given with a file ending is read without it."""
+    assert output("logs/valtext-bc-600-0.25", ".json") == Path("logs/valtext-bc-600-0.25.json")
+    assert output(Path("r/diversity"), ".png") == Path("r/diversity.png")
+    assert output("r/search.json", ".png") == output("r/search.md", ".png") == Path("r/search.png")
+    assert output("r/tau0.5.json", ".md") == Path("r/tau0.5.md")
 
 
 def test_holdout_split_keeps_every_line_once_in_order(text, tmp_path):

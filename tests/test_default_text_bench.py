@@ -3,10 +3,12 @@ itself must come out equal, and against a copy with damaged weights it must come
 
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,6 +17,7 @@ from bwarea import default_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_default_text  # noqa: E402
+from outputs import output  # noqa: E402
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -43,6 +46,16 @@ def test_copied_is_the_share_of_word_6grams_found_in_the_training_text(tmp_path)
         bench_default_text.training_ngrams([tmp_path / "empty"])
 
 
+def test_the_interval_leaves_out_resamples_with_nothing_to_score():
+    """A prompt whose continuation is empty (the model ended at once) has no judge tokens; a resample made only of
+    such prompts is left out, not allowed to make the interval nan. A candidate that wrote nothing at all is worse."""
+    cand = np.array([[0.0, 0], [20.0, 10], [30.0, 10]])  # (summed NLL, tokens) per prompt
+    ref = np.array([[10.0, 5], [0.0, 0], [20.0, 10]])
+    low, high = bench_default_text.bootstrap_ratio(cand, ref, 500, 0)
+    assert np.isfinite([low, high]).all() and low <= high
+    assert bench_default_text.bootstrap_ratio(np.zeros((3, 2)), ref, 500, 0) == (math.inf, math.inf)
+
+
 def run(tmp_path, candidate, name):
     out = tmp_path / name
     plot = [] if HAS_MATPLOTLIB else ["--no-plot"]
@@ -51,14 +64,15 @@ def run(tmp_path, candidate, name):
                                     "--k", "2", "--new-tokens", "12", "--samples", "2", "--bootstrap", "200",
                                     "--train-text", str(default_model.path() / "heldout.txt"),
                                     "--out", str(out), "--no-progress", *plot]) == 0
-    assert out.with_suffix(".png").is_file() == HAS_MATPLOTLIB
-    assert "## Samples" in out.with_suffix(".md").read_text()
-    return json.loads(out.with_suffix(".json").read_text())
+    assert output(out, ".png").is_file() == HAS_MATPLOTLIB
+    assert "## Samples" in output(out, ".md").read_text()
+    return json.loads(output(out, ".json").read_text())
 
 
 @pytest.mark.slow
 def test_the_same_model_is_not_worse_and_a_damaged_one_is(tmp_path):
-    same = run(tmp_path, default_model.path(), "same")
+    same = run(tmp_path, default_model.path(), "same-0.5")  # a dot in the name: same-0.5.json, not same-0.json
+    assert not (tmp_path / "same-0.json").exists()
     for setting in ("sampled", "greedy"):
         rows = same["settings"][setting]
         assert rows["ratio"] == pytest.approx(1.0) and rows["ratio_interval"] == pytest.approx([1.0, 1.0])
