@@ -67,7 +67,7 @@ def started_steps(log: str) -> set[str]:
     return steps
 
 
-@pytest.mark.slow  # about 1.5 minutes on 2 busy cores: five runs of the script, two of them whole sweeps
+@pytest.mark.slow  # about 2.5 minutes on 2 busy cores: seven runs of the script, two of them whole sweeps
 def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     corpora(tmp_path / "corpora")
     work = tmp_path / "work"
@@ -89,13 +89,15 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     selection = (work / "selection.json").read_text()
     times = checkpoint_times(work)
     assert "bc-4-0.5/checkpoints/step-000002" in times and "bc-4-0.5/model.safetensors" in times
-    for name in ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5", "val-bc-4-0", "selection", "quality", "text"):
+    for name in ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5", "val-bc-4-0", "valtext-bc-4-0.5", "selection", "quality",
+                 "text"):
         assert (work / "done" / name).is_file(), name
     # The final model's samples beside the shipped model's, judged by the baseline; the verdict joins the targets.
     text = json.loads((work / "text.json").read_text())
     assert text["judge"] == str(work / "llama") and len(text["samples"]) == 1 and "## Samples" in \
         (work / "text.md").read_text()
-    assert text["setup"]["train_text"] == [str(work / "data" / "train")]
+    assert text["setup"]["train_text"] == [str(work / "data" / "tv" / "train")]  # what the models trained on
+    assert text["models"]["candidate"] == str(work / os.readlink(work / "final"))
     assert 0 <= text["settings"]["sampled"]["candidate"]["copied"] <= 1
     targets = json.loads((work / "targets.json").read_text())
     assert targets["text not worse than the reference's (text.md)"] == text["verdict"]["not_worse"]
@@ -109,6 +111,32 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     assert "finished: 0 steps run" in again.log
     assert checkpoint_times(work) == times
     assert (work / "selection.json").read_text() == selection
+
+    # 2b. The choice skips a candidate whose text on validation prompts is judged worse than the shipped model's
+    #     (the lowest ratio of all when every one is), and a new choice redoes what follows it.
+    def judged(verdicts: dict) -> dict:
+        for run, not_worse in verdicts.items():
+            path = work / "logs" / f"valtext-{run}.json"
+            text = json.loads(path.read_text())
+            text["verdict"]["not_worse"] = not_worse
+            path.write_text(json.dumps(text))
+        (work / "done" / "selection").unlink()  # as after a code change: redo the choice
+        result = run_script(tmp_path)
+        finished(result)
+        return json.loads((work / "selection.json").read_text()), result
+
+    best = min(json.loads(selection)["candidates"], key=lambda r: r["val_ratio"])["run"]
+    other = next(run for run in ("bc-4-0", "bc-4-0.5") if run != best)
+    chose, redone = judged({best: False, other: True})
+    assert chose["chosen"]["run"] == other and os.readlink(work / "final") == other, chose
+    assert "not judged worse" in chose["rule"]
+    assert {r["run"]: r["val_text_not_worse"] for r in chose["candidates"]} == {best: False, other: True}
+    assert started_steps(redone.log) == {"selection", "eval-final", "quality", "text"}, redone.log
+    assert json.loads((work / "text.json").read_text())["models"]["candidate"] == str(work / other)
+    chose, redone = judged({best: False, other: False})
+    assert chose["chosen"]["run"] == best and "no candidate's validation text passed" in chose["rule"]
+    assert started_steps(redone.log) == {"selection", "eval-final", "quality", "text"}, redone.log
+    assert json.loads((work / "text.json").read_text())["models"]["candidate"] == str(work / best)
 
     # 3. An interrupted bc run (its last checkpoint and final weights gone, no done marker) resumes from the
     #    checkpoint before, with the same command; what was done is kept, and what it fed is not redone.
@@ -131,8 +159,9 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     times = checkpoint_times(work)
     changed = run_script(tmp_path, BC_STEPS="6", PARALLEL="1")
     finished(changed)
-    assert started_steps(changed.log) == {"bc-4-0", "bc-4-0.5", "val-bc-4-0", "val-bc-4-0.5", "selection",
-                                          "eval-final", "quality", "text"}, changed.log
+    assert started_steps(changed.log) == {"bc-4-0", "bc-4-0.5", "val-bc-4-0", "val-bc-4-0.5", "valtext-bc-4-0",
+                                          "valtext-bc-4-0.5", "selection", "eval-final", "quality", "text"}, \
+        changed.log
     assert "bc-4-0: its command or inputs changed since it was started: starting it again (--overwrite)" \
         in changed.log
     assert all(times[k] == checkpoint_times(work)[k] for k in times if k.startswith(("s1-4/", "llama-4/")))
