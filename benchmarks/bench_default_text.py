@@ -160,7 +160,7 @@ def measure(groups: list[list[str]], prompts: list[str], judge, device, progress
     words = [[c.split() for c in group] for group in groups]
     tokens = per_prompt[:, 1].sum()
     metrics = {"judge_ppl": math.exp(per_prompt[:, 0].sum() / tokens) if tokens else math.inf,
-               "judge_tokens": int(per_prompt[:, 1].sum()),
+               "judge_tokens": int(tokens),
                "repetition": float(np.mean([repetition(w) for group in words for w in group]))}
     if train_grams is not None:
         metrics["copied"] = copied([w for group in words for w in group], train_grams)
