@@ -32,7 +32,12 @@ Quality of the samples (continuation tokens only, given the prompt):
   bwarea_ppl   BWArea's own exact LM perplexity (`model.lm_log_likelihood`) of them.
 "Action sampling dominates" when, at every quality where both curves have points (the action point's llama_ppl
 inside the token curve's range, diversity interpolated linearly there), action sampling is the more diverse by
-both distinct-2 and self-BLEU. Writes OUT.json and OUT.png (diversity against quality, both curves).
+both distinct-2 and self-BLEU. With several --seeds every setting is sampled once per seed: the curves are the
+means over seeds (perplexities pooled over all their tokens) with the standard deviation across seeds, and the
+verdict is given for the mean curves and for each seed alone. Writes OUT.json and OUT.png (diversity against
+quality, both curves, the spread across seeds as error bars).
+
+    python benchmarks/bench_diversity.py --seeds 0 1 2             # three seeds: means, spread, verdict per seed
 """
 
 from __future__ import annotations
@@ -138,7 +143,7 @@ def train_baseline(args, model_dir: Path, config) -> None:
         block_size=args.baseline_block_size, batch_size=args.baseline_batch_size, max_steps=args.baseline_steps,
         lr=args.baseline_lr, warmup_steps=min(100, args.baseline_steps // 10), save_every=10**9,
         log_every=max(1, args.baseline_steps // 20), eval_blocks=64, cache_dir=str(args.work / "cache"),
-        seed=args.seed, save_dtype="bfloat16", overwrite=True, progress=args.progress))
+        seed=args.seeds[0], save_dtype="bfloat16", overwrite=True, progress=args.progress))
 
 
 def encode_prompts(tokenizer, prompts: list[str], room: int) -> list[torch.Tensor]:
@@ -228,20 +233,46 @@ def dominance(action: list[dict], token: list[dict]) -> dict:
                     "distinct-2 higher and self-BLEU lower than the token curve interpolated at that llama_ppl"}
 
 
+MEASURES = ("distinct_2", "distinct_3", "self_bleu", "llama_ppl", "bwarea_ppl")
+
+
+def mean_over_seeds(points: list[dict]) -> dict:
+    """One setting's points, one per seed -> their mean (perplexities: pooled over all the seeds' tokens, i.e.
+    exp of the token-weighted mean log) and, for two seeds or more, each measure's standard deviation across
+    seeds (``<measure>_sd``, ddof 1)."""
+    tokens = np.array([p["tokens"] for p in points], dtype=float)
+    mean = {"temperature": points[0]["temperature"], "tokens": int(tokens.sum()), "seeds": len(points)}
+    for key in MEASURES:
+        values = np.array([p[key] for p in points], dtype=float)
+        if key.endswith("_ppl"):
+            mean[key] = float(np.exp(np.sum(np.log(values) * tokens) / tokens.sum()))
+        else:
+            mean[key] = float(values.mean())
+        if len(points) > 1:
+            mean[f"{key}_sd"] = float(values.std(ddof=1))
+    return mean
+
+
 def reusable_points(path: Path, fingerprint: dict) -> tuple[dict, dict]:
-    """Points of an earlier run in ``path`` with the same ``fingerprint`` -> ({(policy t, token t): point},
-    examples); nothing (and a message saying why) if the file is missing or differs."""
+    """Points of an earlier run in ``path`` with the same ``fingerprint`` -> ({(seed, policy t, token t): point},
+    examples); nothing (and a message saying why) if the file is missing or differs. Seeds the earlier run did
+    not sample are sampled anew."""
     if not path.is_file():
         print(f"--reuse: no earlier {path}; sampling every setting", flush=True)
         return {}, {}
     old = json.loads(path.read_text())
+    if "per_seed" not in old:
+        print(f"--reuse: {path} was written by an older version (no per_seed); sampling every setting", flush=True)
+        return {}, {}
     differing = [k for k, v in fingerprint.items() if old["setup"].get(k) != v]
     if differing:
         print(f"--reuse: {path} differs in {', '.join(differing)}; sampling every setting", flush=True)
         return {}, {}
     t = fingerprint["action_token_temperature"]
-    points = {(p["temperature"], t): p for p in old["curves"]["action"]}
-    points |= {(0.0, p["temperature"]): p for p in old["curves"]["token"]}
+    points = {}
+    for seed, curves in old["per_seed"].items():
+        points |= {(int(seed), p["temperature"], t): p for p in curves["action"]}
+        points |= {(int(seed), 0.0, p["temperature"]): p for p in curves["token"]}
     print(f"--reuse: {len(points)} settings from {path}", flush=True)
     return points, old.get("examples", {})
 
@@ -260,7 +291,9 @@ def plot(result: dict, path: Path) -> None:
         for mode, style, name in (("action", "o-", "action sampling (tau_a; tokens greedy)"),
                                   ("token", "s--", "token sampling (tau; policy greedy)")):
             points = sorted(result["curves"][mode], key=lambda p: p["temperature"])
-            ax.plot([p[x] for p in points], [p[y] for p in points], style, label=name)
+            spread = [p.get(f"{y}_sd", 0.0) for p in points]  # across seeds; absent for one seed
+            ax.errorbar([p[x] for p in points], [p[y] for p in points], yerr=spread if any(spread) else None,
+                        fmt=style, capsize=3, label=name)
             for p in points:
                 ax.annotate(f"{p['temperature']:g}", (p[x], p[y]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
@@ -272,23 +305,33 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     s = result["setup"]
+    seeds = s.get("seeds", [s.get("seed")])
     fig.suptitle(f"Diversity vs quality: {s['num_prompts']} prompts x k={s['k']}, {s['new_tokens']} new tokens; "
-                 f"model {Path(s['model']).name}; {result['device']}", fontsize=9)
+                 f"model {Path(s['model']).name}; seeds {', '.join(map(str, seeds))}"
+                 f"{' (mean, bars: sd across seeds)' if len(seeds) > 1 else ''}; {result['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def table(result: dict) -> str:
+    """The curves as a markdown table (means ± sd across seeds where there are several) and the verdicts."""
+    def cell(p, key, digits):
+        sd = f" ± {p[key + '_sd']:.{digits}f}" if f"{key}_sd" in p else ""
+        return f"{p[key]:.{digits}f}{sd}"
+
     lines = ["| sampling | temperature | distinct-2 | distinct-3 | self-BLEU | Llama ppl | BWArea lm_ppl |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for mode in ("action", "token"):
         for p in result["curves"][mode]:
-            lines.append(f"| {mode} | {p['temperature']:g} | {p['distinct_2']:.3f} | {p['distinct_3']:.3f} | "
-                         f"{p['self_bleu']:.3f} | {p['llama_ppl']:.2f} | {p['bwarea_ppl']:.2f} |")
+            lines.append(f"| {mode} | {p['temperature']:g} | {cell(p, 'distinct_2', 3)} | "
+                         f"{cell(p, 'distinct_3', 3)} | {cell(p, 'self_bleu', 3)} | {cell(p, 'llama_ppl', 2)} | "
+                         f"{cell(p, 'bwarea_ppl', 2)} |")
     d = result["dominance"]
     lines.append(f"\naction sampling dominates: {d['action_sampling_dominates']} ({len(d['compared'])} points "
                  f"compared; outside the token curve's quality range: {d['action_temperatures_outside_token_curve']})")
+    if len(d.get("per_seed", {})) > 1:
+        lines.append("per seed: " + ", ".join(f"seed {s}: {v}" for s, v in d["per_seed"].items()))
     return "\n".join(lines)
 
 
@@ -312,7 +355,8 @@ def main(argv=None) -> int:
                    help="token temperatures tau for token sampling (0: greedy)")
     p.add_argument("--action-token-temperature", type=float, default=0.0,
                    help="token temperature under action sampling (0: greedy tokens)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", "--seed", dest="seeds", type=int, nargs="+", default=[0],
+                   help="sampling seeds: each setting is sampled once per seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--work", type=Path, default=Path("runs/bench-diversity"), help="the baseline's data split")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/diversity"),
@@ -344,6 +388,8 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.action_token_temperature < 0:
         p.error(f"--action-token-temperature must be >= 0, got {args.action_token_temperature}")
+    if len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds repeats a seed: {args.seeds}")
 
     if args.plot_only:
         if not output(args.out, ".json").is_file():
@@ -354,7 +400,7 @@ def main(argv=None) -> int:
         return 0
 
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seeds[0])
     model_dir = Path(args.model) if args.model is not None else default_model.path()
     prompts = pick_prompts(args.prompts or default_model.DIR / "heldout.txt", args.num_prompts)
     model, tokenizer = load(model_dir, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -379,27 +425,30 @@ def main(argv=None) -> int:
         "model_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else None,
         "baseline_training": json.loads((args.baseline / "training.json").read_text())
         if (args.baseline / "training.json").is_file() else None,
-        "prompts": prompts, "k": args.k, "new_tokens": args.new_tokens, "seed": args.seed,
+        "prompts": prompts, "k": args.k, "new_tokens": args.new_tokens,
         "action_token_temperature": args.action_token_temperature}
-    done, examples = {}, {}  # (policy temperature, token temperature) -> point; the all-greedy point is in both
+    # (seed, policy temperature, token temperature) -> point; the all-greedy point is in both curves
+    done, examples = {}, {}
     if args.reuse:
         done, examples = reusable_points(output(args.out, ".json"), fingerprint)
     settings = [("action", t) for t in args.action_temps] + [("token", t) for t in args.token_temps]
-    curves = {"action": [], "token": []}
-    for mode, temperature in tqdm(settings, desc="sampling", disable=not args.progress):
-        key = (temperature, args.action_token_temperature) if mode == "action" else (0.0, temperature)
-        if key in done:
-            curves[mode].append({**done[key], "temperature": temperature})
-            continue
-        conts = sample(model, tokenizer.pad_token_id, prompt_ids, args.k, args.new_tokens, mode, temperature,
-                       args.action_token_temperature, args.seed)
-        texts = [[tokenizer.decode(row, skip_special_tokens=True) for row in group] for group in conts]
-        llama_nll, n = continuation_nll(llama_scorer(llama), prompt_ids, conts, device)
-        bwarea_nll, _ = continuation_nll(model.lm_log_likelihood, prompt_ids, conts, device)
-        done[key] = {"temperature": temperature, **diversity(texts), "llama_ppl": math.exp(llama_nll / n),
-                     "bwarea_ppl": math.exp(bwarea_nll / n), "tokens": n}
-        curves[mode].append(done[key])
-        examples[f"{mode}@{temperature:g}"] = {"prompt": prompts[0], "continuations": texts[0][:3]}
+    per_seed = {seed: {"action": [], "token": []} for seed in args.seeds}
+    jobs = [(seed, mode, t) for seed in args.seeds for mode, t in settings]
+    for seed, mode, temperature in tqdm(jobs, desc="sampling", disable=not args.progress):
+        key = (seed, temperature, args.action_token_temperature) if mode == "action" else (seed, 0.0, temperature)
+        if key not in done:
+            conts = sample(model, tokenizer.pad_token_id, prompt_ids, args.k, args.new_tokens, mode, temperature,
+                           args.action_token_temperature, seed)
+            texts = [[tokenizer.decode(row, skip_special_tokens=True) for row in group] for group in conts]
+            llama_nll, n = continuation_nll(llama_scorer(llama), prompt_ids, conts, device)
+            bwarea_nll, _ = continuation_nll(model.lm_log_likelihood, prompt_ids, conts, device)
+            done[key] = {"temperature": temperature, **diversity(texts), "llama_ppl": math.exp(llama_nll / n),
+                         "bwarea_ppl": math.exp(bwarea_nll / n), "tokens": n}
+            if seed == args.seeds[0]:
+                examples[f"{mode}@{temperature:g}"] = {"prompt": prompts[0], "continuations": texts[0][:3]}
+        per_seed[seed][mode].append({**done[key], "temperature": temperature})
+    curves = {mode: [mean_over_seeds([per_seed[seed][mode][i] for seed in args.seeds])
+                     for i in range(len(per_seed[args.seeds[0]][mode]))] for mode in ("action", "token")}
 
     result = {
         "claim": "sampling in the latent-action space gives more diverse text than sampling tokens at equal "
@@ -414,11 +463,17 @@ def main(argv=None) -> int:
                      "llama_ppl": "perplexity of the continuation tokens given the prompt under the Llama baseline",
                      "bwarea_ppl": "BWArea's exact LM perplexity (lm_log_likelihood) of the same tokens"},
         "curves": curves,
+        "per_seed": {str(seed): c for seed, c in per_seed.items()},
         "examples": examples,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "seconds": round(time.perf_counter() - start, 1),
     }
+    # The verdict on the mean curves, and for each seed alone: a claim that holds only on average is weaker.
     result["dominance"] = dominance(curves["action"], curves["token"])
+    result["dominance"]["per_seed"] = {str(seed): dominance(c["action"], c["token"])["action_sampling_dominates"]
+                                       for seed, c in per_seed.items()}
+    verdicts = list(result["dominance"]["per_seed"].values())
+    result["dominance"]["in_every_seed"] = all(verdicts) if None not in verdicts else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     output(args.out, ".json").write_text(json.dumps(result, indent=1))
     if not args.no_plot:

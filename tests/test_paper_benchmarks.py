@@ -123,6 +123,25 @@ def test_both_benchmarks_run_end_to_end_in_quick_mode(files, tmp_path, capsys):
                                  "--out", str(div), "--no-progress", "--no-plot", "--reuse"]) == 0
     assert "--reuse: 5 settings from" in capsys.readouterr().out  # 3 + 3, the greedy point shared
     assert json.loads(div.with_suffix(".json").read_text())["curves"] == result["curves"]
+    # A second seed: seed 0 is reused, seed 1 sampled; the curves become means with a spread across seeds.
+    assert bench_diversity.main(["--quick", "--model", str(files["work"] / "noise-00" / "bc"), "--baseline",
+                                 str(baseline), "--prompts", str(files["prompts"]), "--device", "cpu",
+                                 "--out", str(div), "--no-progress", "--no-plot", "--reuse", "--seeds", "0", "1"]) == 0
+    assert "--reuse: 5 settings from" in capsys.readouterr().out
+    both = json.loads(div.with_suffix(".json").read_text())
+    assert both["per_seed"]["0"] == result["per_seed"]["0"] and set(both["per_seed"]) == {"0", "1"}
+    assert set(both["dominance"]["per_seed"]) == {"0", "1"}
+    for mode in ("action", "token"):
+        for i, point in enumerate(both["curves"][mode]):
+            seeds = [both["per_seed"][s][mode][i] for s in ("0", "1")]
+            assert point["seeds"] == 2 and point["tokens"] == sum(p["tokens"] for p in seeds)
+            d2 = [p["distinct_2"] for p in seeds]
+            assert point["distinct_2"] == pytest.approx(sum(d2) / 2)
+            assert point["distinct_2_sd"] == pytest.approx(abs(d2[0] - d2[1]) / 2 ** 0.5)
+            ppl = sorted(p["llama_ppl"] for p in seeds)  # pooled over equal token counts: the geometric mean
+            assert point["llama_ppl"] == pytest.approx((ppl[0] * ppl[1]) ** 0.5)
+    # The greedy point does not depend on the seed.
+    assert both["curves"]["action"][0]["self_bleu_sd"] == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -140,3 +159,9 @@ def test_diversity_rejects_k_below_two(capsys):
     with pytest.raises(SystemExit):
         bench_diversity.main(["--k", "1"])
     assert "--k must be >= 2" in capsys.readouterr().err
+
+
+def test_diversity_rejects_a_repeated_seed(capsys):
+    with pytest.raises(SystemExit):
+        bench_diversity.main(["--seeds", "0", "1", "0"])
+    assert "--seeds repeats a seed" in capsys.readouterr().err
