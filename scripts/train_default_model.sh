@@ -35,10 +35,14 @@
 #     0 = behaviour cloning only, f > 0 = the last f of BC_STEPS trained on the world model's posterior, i.e.
 #     on the exact LM likelihood (bwarea bc's default is 0.25);
 #   - each candidate's samples on validation prompts are judged beside the shipped model's
-#     (benchmarks/bench_default_text.py, the candidate's own Llama as judge);
+#     (benchmarks/bench_default_text.py, the candidate's own Llama as judge), its actions sampled at each of
+#     ACTION_TEMPERATURES (default 1 0.9 0.8 0.7); the candidate's action temperature is the highest at which its
+#     text is not worse (a lower lm_ppl can come with a flatter policy, whose samples at temperature 1 read worse);
 #   - the final model is the candidate with the lowest lm_ppl / its own Llama's ppl on the validation split
 #     among those whose text there is not judged worse (the lowest of all when none passes: then the held-out
-#     text check most likely stops its install too).
+#     text check most likely stops its install too). It ships with its action temperature in config.json
+#     (action_temperature: what generate, `bwarea generate` and the server sample actions at by default); the
+#     held-out text check samples at that temperature too.
 #
 # Data: $CORPORA (default ../shared/corpora: shakespeare.txt and kjv.txt, public domain). Each file is split
 # by lines: the last HOLDOUT_PERCENT is held out (never trained on, tokenizer included; the card's numbers), the
@@ -77,7 +81,9 @@ SAVE_EVERY=${SAVE_EVERY:-100}              # checkpoint every N steps: what an i
 EXPORT=${EXPORT:-}                         # a folder: gets model.safetensors + default-model.tgz (the rest, reports)
 TEXT_REFERENCE=${TEXT_REFERENCE:-src/bwarea/default_model}   # the model whose text the final one's is judged against
 TEXT_PROMPTS=${TEXT_PROMPTS:-src/bwarea/default_model/heldout.txt}   # held-out lines: the samples' prompts
-TEXT_ARGS=${TEXT_ARGS:-}                   # more options of benchmarks/bench_default_text.py (e.g. --num-prompts 64)
+TEXT_NUM_PROMPTS=${TEXT_NUM_PROMPTS:-128}  # prompts per text check (greedy writes one each: 32 proved too noisy)
+TEXT_ARGS=${TEXT_ARGS:-}                   # more options of benchmarks/bench_default_text.py (e.g. --k 8)
+ACTION_TEMPERATURES=${ACTION_TEMPERATURES:-1 0.9 0.8 0.7}   # the candidates' action temperatures tried on validation
 SHAPE="--hidden-size 256 --layers 4 --heads 4 --kv-heads 2 --intermediate-size 512 --max-positions 1024"
 # --save-every is added when a run starts, not here: it is no part of a run's record (changing it retrains nothing).
 COMMON="--block-size $BLOCK --batch-size $BATCH --log-every 50 --eval-every 500 --seed 0 --no-progress --eval-blocks $EVAL_BLOCKS"
@@ -88,6 +94,11 @@ for f in shakespeare.txt kjv.txt; do
     [ -f "$CORPORA/$f" ] || { echo "CORPORA=$CORPORA has no $f (set CORPORA to the folder holding it)" >&2; exit 2; }
 done
 case "$INSTALL" in 0|1|force) ;; *) echo "INSTALL=$INSTALL: give 1 (install unless its text got worse), 0 or force" >&2; exit 2;; esac
+for t in $ACTION_TEMPERATURES; do
+    awk -v t="$t" 'BEGIN { exit !(t ~ /^[0-9]*\.?[0-9]+$/ && t > 0) }' \
+        || { echo "ACTION_TEMPERATURES=$ACTION_TEMPERATURES: give numbers > 0, e.g. '1 0.9 0.8'" >&2; exit 2; }
+done
+[ -n "${ACTION_TEMPERATURES// /}" ] || { echo "ACTION_TEMPERATURES is empty: give at least one, e.g. 1" >&2; exit 2; }
 case "$SAVE_EVERY" in ''|*[!0-9]*|0) echo "SAVE_EVERY=$SAVE_EVERY: give a whole number of steps >= 1" >&2; exit 2;; esac
 if [ -z "${PARALLEL:-}" ]; then
     PARALLEL=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
@@ -294,13 +305,14 @@ run_all eval "${runs[@]}"
 # A lower lm_ppl did not mean better text (docs/training.md: the 600-step candidate without a posterior phase was
 # at 1.088 x, yet repeated itself under --greedy far more than the shipped model): each candidate's samples on
 # validation prompts (Shakespeare's, like the card's) are judged beside the shipped model's, each by its own Llama,
-# and the choice skips a candidate judged worse. About a minute per candidate on 2 CPU cores.
+# and the choice skips a candidate judged worse. Each is tried at every action temperature of ACTION_TEMPERATURES
+# (its report names the highest at which its text is not worse). A few minutes per candidate on 2 CPU cores.
 runs=()
 for s in $STEPS; do
     for f in $POSTERIOR_FRACTIONS; do
         runs+=("valtext-bc-$s-$f|bc-$s-$f llama-$s|$PY benchmarks/bench_default_text.py --candidate $WORK/bc-$s-$f \
 --reference $TEXT_REFERENCE --judge $WORK/llama-$s --prompts $VAL/shakespeare.txt --train-text $TRAIN --no-progress \
-$TEXT_ARGS --out $WORK/logs/valtext-bc-$s-$f")
+--num-prompts $TEXT_NUM_PROMPTS --action-temperatures $ACTION_TEMPERATURES $TEXT_ARGS --out $WORK/logs/valtext-bc-$s-$f")
     done
 done
 run_all eval "${runs[@]}"
@@ -309,10 +321,11 @@ vals=(); for s in $STEPS; do
 done
 rec=$(record "select STEPS=$STEPS POSTERIOR_FRACTIONS=$POSTERIOR_FRACTIONS, text not worse first" "${vals[@]}")
 if begin selection "$rec" "$WORK/selection.json"; then
-    "$PY" - "$WORK" "$STEPS" "$POSTERIOR_FRACTIONS" <<'EOF'
+    "$PY" - "$WORK" "$STEPS" "$POSTERIOR_FRACTIONS" "$ACTION_TEMPERATURES" <<'EOF'
 import json, os, sys
 from pathlib import Path
 work, steps, fractions = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
+temperatures = [float(t) for t in sys.argv[4].split()]
 read = lambda name: json.loads((work / "logs" / f"{name}.json").read_text().strip().splitlines()[-1])["lm_ppl"]
 rows = []
 for s in steps:
@@ -324,11 +337,15 @@ for s in steps:
         rows.append({"run": run, "steps": int(s), "posterior_fraction": float(f), "val_lm_ppl": ppl,
                      "val_baseline_ppl": base, "val_ratio": ppl / base,
                      "val_text_not_worse": bool(text["verdict"]["not_worse"]),
+                     # the highest action temperature at which its text is not worse (None: none is)
+                     "val_action_temperature": text["chosen_action_temperature"],
                      "val_text_ratio": {name: setting["ratio"] for name, setting in text["settings"].items()}})
 passing = [r for r in rows if r["val_text_not_worse"]]
 best = min(passing or rows, key=lambda r: r["val_ratio"])
 rule = ("the lowest val_ratio among the candidates whose validation text is not judged worse than the reference's"
         if passing else "no candidate's validation text passed: the lowest val_ratio of all")
+# What the final model ships with in config.json: its passing temperature, else the highest tried.
+action_temperature = best["val_action_temperature"] if passing else max(temperatures)
 # The benchmark's layout: s1, llama, bc (BC only, for its "BC only" row) and the final model, as links.
 for name, target in (("s1", f"s1-{best['steps']}"), ("llama", f"llama-{best['steps']}"), ("final", best["run"]),
                      ("bc", f"bc-{best['steps']}-0" if "0" in fractions else best["run"])):
@@ -339,19 +356,22 @@ for name, target in (("s1", f"s1-{best['steps']}"), ("llama", f"llama-{best['ste
         sys.exit(f"{link} exists and is not a link this script made: move it away")
     link.symlink_to(target)
 tmp = work / "selection.json.tmp"
-tmp.write_text(json.dumps({"chosen": best, "rule": rule, "candidates": rows}, indent=1))
+tmp.write_text(json.dumps({"chosen": best, "rule": rule, "action_temperature": action_temperature,
+                           "candidates": rows}, indent=1))
 os.replace(tmp, work / "selection.json")
 for r in rows:
     print(f"{r['run']:>16}  val lm_ppl {r['val_lm_ppl']:8.2f}  baseline {r['val_baseline_ppl']:8.2f}  "
           f"ratio {r['val_ratio']:.3f}  text {'not worse' if r['val_text_not_worse'] else 'worse    '}"
+          f"{'' if r['val_action_temperature'] is None else ' at action temperature %g' % r['val_action_temperature']}"
           f"{'  <- chosen' if r is best else ''}")
-print(f"chosen: {rule}")
+print(f"chosen: {rule}; it ships with action temperature {action_temperature:g}")
 EOF
     finish selection "$rec" "$t0"
 fi
 # The chosen run by name, not through the link: the steps below name it in their commands, so their records
 # change, and they run again, when a redone selection chooses another run.
 FINAL="$WORK/$(readlink "$WORK/final")"
+FINAL_T=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['action_temperature'])" "$WORK/selection.json")
 
 # 6. Held-out numbers for the model card, and the side-by-side quality table (benchmarks/).
 cmd="$BWAREA eval $FINAL --data $HELDOUT --cache-dir $WORK/cache $MAXB --json"
@@ -379,7 +399,8 @@ fi
 # The text the final model writes, beside the model it would replace (the shipped one unless TEXT_REFERENCE),
 # judged by the Llama baseline: the samples for the card, and whether its text got worse.
 cmd="benchmarks/bench_default_text.py --candidate $FINAL --reference $TEXT_REFERENCE --judge $WORK/llama \
---prompts $TEXT_PROMPTS --train-text $TRAIN --no-progress $TEXT_ARGS"
+--prompts $TEXT_PROMPTS --train-text $TRAIN --no-progress --num-prompts $TEXT_NUM_PROMPTS --action-temperatures $FINAL_T \
+$TEXT_ARGS"
 rec=$(record "$cmd" selection)   # the reference as it was when this ran: installing the final model is no reason to redo it
 if begin text "$rec" "$WORK/text.json"; then
     "$PY" $cmd --out "$WORK/text-new"
@@ -431,8 +452,9 @@ if [ -n "$EXPORT" ]; then
     fi
 fi
 
-# 8. Ship it: bf16 weights, config and tokenizer into the package, unless its text is judged worse than the
-#    shipped model's (a limit of the default model: users see its text first); INSTALL=force ships it anyway.
+# 8. Ship it: bf16 weights, config (with the chosen action temperature) and tokenizer into the package, unless
+#    its text is judged worse than the shipped model's (a limit of the default model: users see its text first);
+#    INSTALL=force ships it anyway.
 if [ "$INSTALL" != "0" ]; then
     worse=$("$PY" -c "import json, sys; print(int(not json.load(open(sys.argv[1]))['verdict']['not_worse']))" \
         "$WORK/text.json")
@@ -440,11 +462,17 @@ if [ "$INSTALL" != "0" ]; then
         say "install: not done: the final model's text is judged worse than the shipped model's (see" \
             "$WORK/text.md); INSTALL=force installs it anyway"
     else
-        rec=$(record "install into src/bwarea/default_model" eval-final text)
+        rec=$(record "install into src/bwarea/default_model at action temperature $FINAL_T" eval-final text)
         if begin install "$rec" src/bwarea/default_model/model.safetensors; then
-            for f in model.safetensors config.json tokenizer.json tokenizer_config.json training.json; do
+            for f in model.safetensors tokenizer.json tokenizer_config.json training.json; do
                 cp "$FINAL/$f" src/bwarea/default_model/
             done
+            "$PY" - "$FINAL/config.json" "$FINAL_T" src/bwarea/default_model/config.json <<'EOF'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["action_temperature"] = float(sys.argv[2])
+open(sys.argv[3], "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+EOF
             cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
             ls -l src/bwarea/default_model/
             finish install "$rec" "$t0"

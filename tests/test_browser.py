@@ -63,6 +63,7 @@ pytestmark = [
 def test_explorer_page_end_to_end(tiny_model_dir):
     sync_api = pytest.importorskip("playwright.sync_api")
     model = BWAreaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model.set_action_sampling(greedy=False, temp=0.7)  # the page starts from the model's action temperature
     app = create_app(model, load_tokenizer(tiny_model_dir), Limits(max_tokens=32), model_id="tiny")
     ARTIFACTS.mkdir(exist_ok=True)
     requested = []
@@ -77,6 +78,7 @@ def test_explorer_page_end_to_end(tiny_model_dir):
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(base + "/")
             page.wait_for_selector("#model:has-text('tiny')", timeout=15000)
+            assert page.input_value("#action-temperature") == "0.7"
 
             # Type a prompt: its tokens appear coloured by action, with the action number on hover.
             page.fill("#prompt", "The king said")  # fires "input", as typing does

@@ -211,6 +211,25 @@ def test_generate_from_stdin_with_a_seed_is_reproducible(tiny_model_dir, capsys,
     assert outs[0] != outs[2]  # 12 tokens at temperature 1.5 from a 520-token random model: never all equal
 
 
+def test_generate_samples_actions_at_the_models_own_temperature(tiny_model_dir, tmp_path, capsys):
+    """With no --action-temperature, actions are sampled at config.json's action_temperature: a copy of the model
+    that sets 0.3 writes what the original writes with --action-temperature 0.3, and the flag still wins."""
+    cool = tmp_path / "cool"
+    shutil.copytree(tiny_model_dir, cool)
+    config = json.loads((cool / "config.json").read_text())
+    (cool / "config.json").write_text(json.dumps({**config, "action_temperature": 0.3}))
+
+    def actions(model_dir, *flags):
+        rc, out, _ = run(capsys, "generate", PROMPT, "--model", model_dir, "--max-new-tokens", 16, "--seed", 3,
+                         "--show-actions", *flags)
+        assert rc == 0
+        return [r[1] for r in show_actions_rows(out)]
+
+    assert actions(cool) == actions(tiny_model_dir, "--action-temperature", 0.3)
+    assert actions(cool) != actions(tiny_model_dir)  # the original samples at 1: other actions
+    assert actions(cool, "--action-temperature", 1) == actions(tiny_model_dir)
+
+
 def test_generate_stops_before_a_stop_string(tiny_model_dir, capsys):
     model, tokenizer = load(tiny_model_dir)
     ids = tokenizer(PROMPT)["input_ids"]

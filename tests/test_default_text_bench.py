@@ -56,14 +56,14 @@ def test_the_interval_leaves_out_resamples_with_nothing_to_score():
     assert bench_default_text.bootstrap_ratio(np.zeros((3, 2)), ref, 500, 0) == (math.inf, math.inf)
 
 
-def run(tmp_path, candidate, name):
+def run(tmp_path, candidate, name, *extra):
     out = tmp_path / name
     plot = [] if HAS_MATPLOTLIB else ["--no-plot"]
     model = str(default_model.path())
     assert bench_default_text.main(["--candidate", str(candidate), "--judge", model, "--num-prompts", "4",
                                     "--k", "2", "--new-tokens", "12", "--samples", "2", "--bootstrap", "200",
                                     "--train-text", str(default_model.path() / "heldout.txt"),
-                                    "--out", str(out), "--no-progress", *plot]) == 0
+                                    "--out", str(out), "--no-progress", *plot, *extra]) == 0
     assert output(out, ".png").is_file() == HAS_MATPLOTLIB
     assert "## Samples" in output(out, ".md").read_text()
     return json.loads(output(out, ".json").read_text())
@@ -94,3 +94,30 @@ def test_the_same_model_is_not_worse_and_a_damaged_one_is(tmp_path):
     assert worse["settings"]["sampled"]["ratio_interval"][0] > 1
     assert worse["verdict"]["not_worse"] is False
     assert worse["verdict"]["checks"]["sampled"]["judge_ppl_not_significantly_higher"] is False
+
+
+@pytest.mark.slow
+def test_action_temperatures_name_the_highest_that_passes_and_the_config_one_is_used(tmp_path):
+    """--action-temperatures writes the candidate's sampled text at each T and names the highest at which it is
+    not worse; without it the candidate samples at its config.json's action_temperature, as `bwarea generate`."""
+    tried = run(tmp_path, default_model.path(), "tried", "--action-temperatures", "0.6", "1")
+    assert [row["action_temperature"] for row in tried["action_temperatures"]] == [1.0, 0.6]  # highest first
+    at_one = tried["action_temperatures"][0]
+    assert at_one["not_worse"] and at_one["sampled"]["ratio"] == pytest.approx(1.0)  # the model itself at its own T
+    assert tried["chosen_action_temperature"] == 1.0 == tried["candidate_action_temperature"]
+    assert tried["models_action_temperature"] == {"reference": 1.0, "candidate": 1.0}
+    assert "chosen action temperature: **1**" in output(tmp_path / "tried", ".md").read_text()
+    with pytest.raises(SystemExit):
+        run(tmp_path, default_model.path(), "bad", "--action-temperatures", "0.6", "0")
+
+    cool = tmp_path / "cool"
+    shutil.copytree(default_model.path(), cool)
+    config = json.loads((cool / "config.json").read_text())
+    (cool / "config.json").write_text(json.dumps({**config, "action_temperature": 0.6}))
+    own = run(tmp_path, cool, "own")
+    forced = run(tmp_path, default_model.path(), "forced", "--action-temperatures", "0.6")
+    assert own["models_action_temperature"]["candidate"] == 0.6 and own["action_temperatures"] is None
+    assert own["texts"]["candidate/sampled"] == forced["texts"]["candidate/sampled"]
+    assert own["texts"]["candidate/sampled"] != tried["texts"]["candidate/sampled"]  # the text at 1 differs
+    assert forced["chosen_action_temperature"] in (0.6, None)
+    assert forced["verdict"]["not_worse"] == (forced["chosen_action_temperature"] == 0.6)

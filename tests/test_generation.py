@@ -1,6 +1,8 @@
 """Generation: cached decoding against full recomputation, the released references, batching, action controls,
 returned fields, streaming and stopping, fan-out, the exact likelihood, and the errors bad input gets."""
 
+import json
+
 import pytest
 import torch
 
@@ -433,6 +435,38 @@ def test_action_sampling_settings_and_overrides(model):
     cold = model.generate(ids, max_new_tokens=10, action_temperature=1e-4, generator=torch.Generator().manual_seed(0),
                           return_dict_in_generate=True).actions
     assert torch.equal(cold, greedy)
+
+
+def test_the_configs_action_temperature_is_the_default_and_travels_with_the_model(tiny_model, tmp_path):
+    """config.action_temperature is what generate samples actions at when the caller names none; save_pretrained
+    keeps it; an explicit action_temperature still wins; a config.json without it (the released ones) means 1."""
+    ids = prompts(batch=4, width=6)
+
+    def actions(model, **kwargs):
+        return model.generate(ids, max_new_tokens=24, generator=torch.Generator().manual_seed(0),
+                              return_dict_in_generate=True, **kwargs).actions
+
+    tiny_model.save_pretrained(tmp_path / "older")
+    config = json.loads((tmp_path / "older" / "config.json").read_text())
+    del config["action_temperature"]  # as written before the field existed
+    (tmp_path / "older" / "config.json").write_text(json.dumps(config))
+    assert BWAreaForCausalLM.from_pretrained(tmp_path / "older").action_temperature == 1.0
+    at_half = actions(tiny_model, action_temperature=0.5)
+    assert not torch.equal(at_half, actions(tiny_model))  # 0.5 and 1 sample different actions here
+    tiny_model.config.action_temperature = 0.5
+    tiny_model.save_pretrained(tmp_path / "cool")
+    cool = BWAreaForCausalLM.from_pretrained(tmp_path / "cool").eval()
+    assert cool.config.action_temperature == 0.5 and cool.action_temperature == 0.5
+    assert torch.equal(actions(cool), at_half)
+    assert torch.equal(actions(cool, action_temperature=1.0), actions(tiny_model, action_temperature=1.0))
+    cool.set_action_sampling(greedy=True)  # the released switch still overrides it
+    assert torch.equal(actions(cool), actions(tiny_model, action_greedy=True))
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "0.9", True])
+def test_a_bad_config_action_temperature_is_named(value):
+    with pytest.raises(ValueError, match="action_temperature"):
+        tiny_config(action_temperature=value)
 
 
 # ----- tokens: sampling, EOS, stopping, streaming -----------------------------------------------------------------

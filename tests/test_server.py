@@ -119,6 +119,23 @@ def test_models_health_and_page(client):
         assert "http://" not in body.text and "https://" not in body.text
 
 
+def test_a_request_without_action_temperature_gets_the_models(served):
+    """/v1/models reports the model's action temperature (config.action_temperature), and a completion that names
+    none samples its actions there: the same actions as one that names it, other actions than one at 1."""
+    from fastapi.testclient import TestClient
+    from bwarea.serve import Limits, create_app
+    model, tokenizer = served
+    model.config.action_temperature = 0.3
+    cool = type(model)(model.config).eval()
+    cool.load_state_dict(model.state_dict())
+    with TestClient(create_app(cool, tokenizer, Limits(max_tokens=32), model_id="cool")) as client:
+        assert client.get("/v1/models").json()["data"][0]["action_temperature"] == 0.3
+        body = dict(max_tokens=16, seed=5, return_actions=True)
+        actions = {t: complete(client, **body, **({} if t is None else {"action_temperature": t}))
+                   ["choices"][0]["actions"] for t in (None, 0.3, 1.0)}
+    assert actions[None] == actions[0.3] != actions[1.0]
+
+
 # ----- completions -------------------------------------------------------------------------------------------
 def test_greedy_completion_matches_recomputation(client, served):
     model, tokenizer = served

@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_default_model.sh"
 TINY = dict(STEPS="4", BC_STEPS="4", BATCH="2", BLOCK="32", VOCAB="300", EVAL_BLOCKS="2", EVAL_MAX_BLOCKS="2",
-            POSTERIOR_FRACTIONS="0 0.5", SAVE_EVERY="2", INSTALL="0",
-            TEXT_ARGS="--num-prompts 3 --k 2 --new-tokens 8 --samples 1 --bootstrap 50 --no-plot")
+            POSTERIOR_FRACTIONS="0 0.5", SAVE_EVERY="2", INSTALL="0", ACTION_TEMPERATURES="0.8 1",
+            TEXT_NUM_PROMPTS="3", TEXT_ARGS="--k 2 --new-tokens 8 --samples 1 --bootstrap 50 --no-plot")
 RUNS = ("s1-4", "llama-4", "bc-4-0", "bc-4-0.5")  # the run folders of the tiny sweep
 WORDS = ("the lord king and of to my thy thou shall love night day sword heaven earth god man woman sea fire "
          "speak said unto them is was be not with").split()
@@ -99,6 +99,13 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     assert text["setup"]["train_text"] == [str(work / "data" / "tv" / "train")]  # what the models trained on
     assert text["models"]["candidate"] == str(work / os.readlink(work / "final"))
     assert 0 <= text["settings"]["sampled"]["candidate"]["copied"] <= 1
+    # Each candidate was tried at every action temperature, highest first; the final text at the chosen one.
+    chosen = json.loads((work / "selection.json").read_text())
+    for run in ("bc-4-0", "bc-4-0.5"):
+        tried = json.loads((work / "logs" / f"valtext-{run}.json").read_text())["action_temperatures"]
+        assert [row["action_temperature"] for row in tried] == [1.0, 0.8]
+    assert chosen["action_temperature"] in (1.0, 0.8)
+    assert text["action_temperatures"][0]["action_temperature"] == chosen["action_temperature"]
     targets = json.loads((work / "targets.json").read_text())
     assert targets["text not worse than the reference's (text.md)"] == text["verdict"]["not_worse"]
     assert not list(work.rglob("*.tmp")), "an atomic write left its temporary file"
@@ -119,6 +126,7 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
             path = work / "logs" / f"valtext-{run}.json"
             text = json.loads(path.read_text())
             text["verdict"]["not_worse"] = not_worse
+            text["chosen_action_temperature"] = 0.8 if not_worse else None  # as the benchmark reports it
             path.write_text(json.dumps(text))
         (work / "done" / "selection").unlink()  # as after a code change: redo the choice
         result = run_script(tmp_path)
@@ -132,9 +140,14 @@ def test_rerun_skips_resumes_and_redoes_only_what_changed(tmp_path):
     assert "not judged worse" in chose["rule"]
     assert {r["run"]: r["val_text_not_worse"] for r in chose["candidates"]} == {best: False, other: True}
     assert started_steps(redone.log) == {"selection", "eval-final", "quality", "text"}, redone.log
-    assert json.loads((work / "text.json").read_text())["models"]["candidate"] == str(work / other)
+    text = json.loads((work / "text.json").read_text())
+    assert text["models"]["candidate"] == str(work / other)
+    # it ships at the temperature its validation text passed at, and the held-out text is sampled there
+    assert chose["action_temperature"] == 0.8 == text["candidate_action_temperature"]
+    assert {r["run"]: r["val_action_temperature"] for r in chose["candidates"]} == {best: None, other: 0.8}
     chose, redone = judged({best: False, other: False})
     assert chose["chosen"]["run"] == best and "no candidate's validation text passed" in chose["rule"]
+    assert chose["action_temperature"] == 1.0  # none passed: the highest tried
     assert started_steps(redone.log) == {"selection", "eval-final", "quality", "text"}, redone.log
     assert json.loads((work / "text.json").read_text())["models"]["candidate"] == str(work / best)
 
@@ -215,7 +228,10 @@ def test_install_ships_a_model_whose_text_is_not_worse_and_else_only_when_forced
 
     finished(run_script(tmp_path, script=script, INSTALL="force"))
     assert (package / "model.safetensors").read_bytes() == trained() != shipped
-    assert json.loads((package / "config.json").read_text())["vocab_size"] == 300
+    installed = json.loads((package / "config.json").read_text())
+    assert installed["vocab_size"] == 300
+    # the chosen action temperature goes into the shipped config (generate samples there by default)
+    assert installed["action_temperature"] == json.loads((work / "selection.json").read_text())["action_temperature"]
     assert (package / "eval.json").read_text() == (work / "eval_bwarea.json").read_text()
 
     (package / "model.safetensors").write_bytes(shipped)
@@ -226,3 +242,6 @@ def test_install_ships_a_model_whose_text_is_not_worse_and_else_only_when_forced
 
     bad = run_script(tmp_path, script=script, INSTALL="yes")
     assert bad.returncode == 2 and "INSTALL=yes: give 1" in bad.log
+    for temperatures in ("1 0", "1 hot", " "):
+        bad = run_script(tmp_path, script=script, ACTION_TEMPERATURES=temperatures)
+        assert bad.returncode == 2 and "ACTION_TEMPERATURES" in bad.log, temperatures

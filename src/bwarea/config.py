@@ -18,7 +18,7 @@ RELEASED_FIELD_NAMES = {"num_code": "num_actions", "num_dim": "codebook_dim"}
 INT_FIELDS = {"vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1,
               "num_attention_heads": 1, "num_key_value_heads": 1, "max_position_embeddings": 1, "num_actions": 1,
               "codebook_dim": 1, "inverse_layers": 1, "policy_layers": 1, "action_layer": 0}
-FLOAT_FIELDS = {"rope_theta": False, "rms_norm_eps": False, "initializer_range": True}
+FLOAT_FIELDS = {"rope_theta": False, "rms_norm_eps": False, "initializer_range": True, "action_temperature": False}
 
 
 class BWAreaConfig(PretrainedConfig):
@@ -28,6 +28,10 @@ class BWAreaConfig(PretrainedConfig):
     Inverse dynamics: ``inverse_layers`` blocks (default L//2). Policy: ``policy_layers`` blocks (default L).
     Actions: ``num_actions`` codebook rows of width ``codebook_dim``.
     ``value_head``: the policy also has a learned action-value head Q(s, .) (``bwarea rl --algo q``).
+    ``action_temperature``: the temperature at which the policy's actions are sampled when a caller names none
+    (generate, ``bwarea generate``, the server, best-of-n search). 1 is the released behaviour; a model whose
+    policy is flatter than its text warrants ships a lower one, as a transformers model ships its sampling
+    defaults in generation_config.json. RL always samples at 1: its log-probabilities are the policy's own.
     """
 
     model_type = "bwarea"
@@ -50,6 +54,7 @@ class BWAreaConfig(PretrainedConfig):
         action_layer: int | None = None,
         initializer_range: float = 0.02,
         value_head: bool = False,
+        action_temperature: float = 1.0,
         **kwargs,
     ):
         for released, ours in RELEASED_FIELD_NAMES.items():
@@ -71,7 +76,7 @@ class BWAreaConfig(PretrainedConfig):
             num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
             rope_theta=rope_theta, rms_norm_eps=rms_norm_eps, num_actions=num_actions, codebook_dim=codebook_dim,
             inverse_layers=inverse_layers, policy_layers=policy_layers, action_layer=action_layer,
-            initializer_range=initializer_range))
+            initializer_range=initializer_range, action_temperature=action_temperature))
         if not isinstance(value_head, bool):
             raise ValueError(f"BWAreaConfig: value_head must be true or false, got {value_head!r}")
         for key in ("dtype", "torch_dtype"):
@@ -93,6 +98,7 @@ class BWAreaConfig(PretrainedConfig):
         self.action_layer = num_hidden_layers // 2 if action_layer is None else action_layer
         self.initializer_range = initializer_range
         self.value_head = value_head
+        self.action_temperature = float(action_temperature)
         for llama_only in ("model_type", "architectures", "pretraining_tp", "hidden_act", "attention_bias",
                            "attention_dropout", "mlp_bias", "head_dim", "use_cache"):
             kwargs.pop(llama_only, None)

@@ -291,8 +291,9 @@ class BWAreaForCausalLM(PreTrainedModel, BWAreaGenerationMixin):
         self.policy = Policy(config)
         self.action_codebook = ActionCodebook(config)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
-        # Released defaults: sampled actions at temperature 1 until set_action_sampling says otherwise.
-        self.action_greedy, self.action_temperature = False, 1.0
+        # Sampled actions at the config's temperature (1 in the released models) until set_action_sampling says
+        # otherwise.
+        self.action_greedy, self.action_temperature = False, config.action_temperature
         self.action_info: dict[str, list[torch.Tensor]] = {"action_idx": []}
         self.post_init()
 

@@ -190,10 +190,11 @@ class _Search:
         return len(tokens) >= self.max_new_tokens or (bool(tokens) and tokens[-1] in self.eos)
 
     def write(self, contexts: list[tuple], steps: int, actions=None, action_greedy=False,
-              action_temperature=1.0) -> list[tuple[tuple, tuple]]:
+              action_temperature=None) -> list[tuple[tuple, tuple]]:
         """``generate`` ``steps`` tokens after each context (all of one length); pays what it writes.
 
         -> [(new tokens, their actions)] per row, ending at EOS. The caller checked ``fits(rows * steps)``.
+        ``action_temperature`` None samples actions at the model's own (config.action_temperature).
         """
         info = self.model.get_action_info()["action_idx"]
         kept = len(info)
@@ -229,7 +230,7 @@ class _Search:
 
 
 # ----- best-of-N --------------------------------------------------------------------------------------------
-def _best_of_n(s: _Search, n: int | None = None, action_temperature: float = 1.0) -> list[dict]:
+def _best_of_n(s: _Search, n: int | None = None, action_temperature: float | None = None) -> list[dict]:
     """n sequences with actions sampled from the policy (as many as the budget pays for when n is None)."""
     if n is not None and s.budget.left < n * s.max_new_tokens:
         raise ValueError(f"best_of_n: n={n} samples of up to {s.max_new_tokens} tokens need {n * s.max_new_tokens} "
@@ -532,7 +533,8 @@ def search(model, input_ids, attention_mask=None, *, tokenizer, reward, method: 
     writes the world model's argmax token under each action; > 0 samples it at that temperature. seed: makes the
     search repeatable (None: torch's global generator). progress(spent, budget) is called as evaluations are spent.
 
-    Method options: best_of_n ``n`` (default: as many as the budget pays for), ``action_temperature`` (1.0);
+    Method options: best_of_n ``n`` (default: as many as the budget pays for), ``action_temperature`` (default:
+    the model's, config.action_temperature, as generate samples);
     beam ``beams`` (default: as many as the budget pays for), ``branches`` (4), ``value`` (a callable on the text,
     or ``"q"``: the learned Q(s, a) of each candidate's action), ``value_weight`` (1.0);
     mcts ``cpuct`` (0.7), ``root_branches`` (5), ``lower_branches`` (4), ``rounds`` (default: until the budget),
@@ -558,7 +560,7 @@ def search(model, input_ids, attention_mask=None, *, tokenizer, reward, method: 
     if budget < max_new_tokens:
         raise ValueError(f"budget {budget} is below max_new_tokens {max_new_tokens}: every search first writes the "
                          "policy's greedy sequence, so the budget must pay for at least that")
-    if "action_temperature" in options:
+    if options.get("action_temperature") is not None:
         _check_temperature("best_of_n: action_temperature", options["action_temperature"], zero_ok=False)
     for name in ("n", "beams", "branches"):
         if options.get(name) is not None:

@@ -100,7 +100,8 @@ def add_action_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-actions", type=parse_action_list, default=None, metavar="LIST",
                    help="only these actions are used, e.g. 0-15,40 (fixed ones must be among them)")
     g.add_argument("--action-temperature", type=float, default=None, metavar="T",
-                   help="sample the policy's actions at temperature T (default 1)")
+                   help="sample the policy's actions at temperature T (default: the "
+                   "model's, config.json's action_temperature; 1 unless it sets one)")
     g.add_argument("--action-greedy", action="store_true", help="the policy's argmax action at every step")
 
 
@@ -173,7 +174,7 @@ def generation_options(args, num_actions: int) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
                 actions=actions, allowed_actions=args.allowed_actions, action_greedy=action_greedy,
-                action_temperature=args.action_temperature or 1.0, prompt_actions=args.prompt_actions)
+                action_temperature=args.action_temperature, prompt_actions=args.prompt_actions)
 
 
 def run_generate(args) -> int:

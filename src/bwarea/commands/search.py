@@ -89,7 +89,8 @@ def register(subparsers) -> None:
     b.add_argument("--branches", type=positive_int, help="actions tried per beam and step (default 4)")
     n = p.add_argument_group("best_of_n")
     n.add_argument("--n", type=positive_int, help="samples (default: as many as the budget pays for)")
-    n.add_argument("--action-temperature", type=positive, help="the policy's sampling temperature (default 1)")
+    n.add_argument("--action-temperature", type=positive,
+                   help="the policy's sampling temperature (default: the model's, as in `bwarea generate`)")
     p.set_defaults(func=run)
 
 

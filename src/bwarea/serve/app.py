@@ -299,6 +299,8 @@ def create_app(model, tokenizer, limits: Limits | None = None, model_id: str | N
         return {"object": "list", "data": [{
             "id": model_id, "object": "model", "created": created, "owned_by": "bwarea",
             "max_model_len": server.context, "num_actions": server.num_actions,
+            # What a request that names no action_temperature gets (the explorer starts from it).
+            "action_temperature": model.action_temperature,
             "search": {"rewards": list(server.search_rewards), "max_budget": limits.max_search_budget,
                        "max_tokens": limits.max_tokens, "timeout_s": limits.search_timeout}}]}
 

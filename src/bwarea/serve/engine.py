@@ -64,7 +64,7 @@ class Completion:
     actions: int | list[int] | None = None
     allowed_actions: list[int] | None = None
     action_greedy: bool = False
-    action_temperature: float = 1.0
+    action_temperature: float | None = None   # None: the model's (config.action_temperature)
     logprobs: int | None = None        # alternatives per token; None: no logprobs
     echo: bool = False                 # the prompt comes back with the text (and its logprobs)
     stream: bool = False

@@ -292,7 +292,7 @@ def register(app, server) -> None:
             frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
             logit_bias={int(k): v for k, v in body.logit_bias.items()} if body.logit_bias else None, seed=body.seed,
             actions=body.actions, allowed_actions=body.allowed_actions, action_greedy=action_greedy,
-            action_temperature=action_temperature or 1.0, stream=body.stream, **fields)
+            action_temperature=action_temperature, stream=body.stream, **fields)
 
     async def stream_completion(ticket, body: CompletionRequest, job: Completion, meta: dict):
         sent = {}  # choice index -> characters of text streamed so far

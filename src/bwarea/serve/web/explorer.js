@@ -375,6 +375,8 @@ async function init() {
     const models = await api("v1/models");
     const info = models.data[0];
     state.numActions = info.num_actions || 64;
+    // Start from the model's own action temperature: what a request without one gets.
+    if (typeof info.action_temperature === "number") $("action-temperature").value = info.action_temperature;
     $("model").textContent = `${info.id} · ${state.numActions} actions · context ${info.max_model_len}`;
     searchLimits = info.search;
   } catch (err) {
