@@ -383,6 +383,38 @@ def test_16_concurrent_requests_on_a_real_server(served):
     assert stats["batches"] <= 4 + 8  # 16 in batches, then the 8 sequential ones
 
 
+def test_a_request_naming_the_models_action_temperature_batches_with_one_naming_none(served):
+    """A request without action_temperature gets the model's, so it shares a batch with one that names that value."""
+    app = create_app(*served, Limits(max_tokens=16, max_batch=8))
+    engine = app.state.engine
+    results = []
+
+    def wait_until(condition):
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, engine.status()
+            time.sleep(0.01)
+
+    with live_server(app) as base:
+        def send(**extra):
+            results.append(httpx.post(f"{base}/v1/completions", timeout=60, json={
+                "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0, **extra}))
+
+        with engine.lock:  # the worker takes a first (greedy) job and waits; the two others queue behind it
+            threads = [threading.Thread(target=send, kwargs={"temperature": 0})]
+            threads[0].start()
+            wait_until(lambda: engine.status()["requests"] == 1 and engine.status()["queued"] == 0)
+            for extra in ({}, {"action_temperature": served[0].action_temperature}):
+                threads.append(threading.Thread(target=send, kwargs=extra))
+                threads[-1].start()
+            wait_until(lambda: engine.status()["queued"] == 2)
+        for t in threads:
+            t.join(30)
+        stats = httpx.get(f"{base}/health").json()
+    assert [r.status_code for r in results] == [200] * 3
+    assert stats["batches"] == 2 and stats["largest_batch"] == 2, stats
+
+
 def test_a_slow_streaming_client_does_not_block_others(served):
     app = create_app(*served, Limits(max_tokens=64, max_batch=1))
     with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as slow, \

@@ -285,6 +285,9 @@ def register(app, server) -> None:
             temperature == 0 and action_temperature is None)
         if action_temperature is not None and action_temperature < GREEDY_BELOW:
             action_greedy, action_temperature = True, None
+        elif action_temperature is None and not action_greedy:
+            # The model's own, named here so this request batches with those that name the same value.
+            action_temperature = server.model.action_temperature
         return Completion(
             prompts=ids, max_tokens=max_tokens, n=body.n, stop=stop,
             temperature=temperature, top_p=body.top_p, top_k=body.top_k,
