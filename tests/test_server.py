@@ -312,16 +312,18 @@ def test_other_bad_requests(client):
     assert client.get("/v1/completions").status_code == 405
 
 
+def wait_until(engine, condition):
+    """Poll ``condition`` until it holds (20 s at most; a timeout shows the engine's status)."""
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, engine.status()
+        time.sleep(0.01)
+
+
 def test_full_queue_gets_503_and_the_waiting_requests_complete(served):
     app = create_app(*served, Limits(max_tokens=8, queue_size=1, max_batch=1))
     engine = app.state.engine
     results = {}
-
-    def wait_until(condition):
-        deadline = time.monotonic() + 20
-        while not condition():
-            assert time.monotonic() < deadline, engine.status()
-            time.sleep(0.01)
 
     with live_server(app) as base:
         def send(name):
@@ -330,10 +332,10 @@ def test_full_queue_gets_503_and_the_waiting_requests_complete(served):
         with engine.lock:  # the model is busy: the worker takes the first job and waits for it
             first = threading.Thread(target=send, args=("first",))
             first.start()
-            wait_until(lambda: engine.status()["requests"] == 1 and engine.status()["queued"] == 0)
+            wait_until(engine, lambda: engine.status()["requests"] == 1 and engine.status()["queued"] == 0)
             second = threading.Thread(target=send, args=("second",))
             second.start()
-            wait_until(lambda: engine.status()["queued"] == 1)
+            wait_until(engine, lambda: engine.status()["queued"] == 1)
             send("third")
         first.join(30), second.join(30)
     assert results["third"].status_code == 503 and "busy" in results["third"].json()["error"]["message"]
@@ -389,12 +391,6 @@ def test_a_request_naming_the_models_action_temperature_batches_with_one_naming_
     engine = app.state.engine
     results = []
 
-    def wait_until(condition):
-        deadline = time.monotonic() + 20
-        while not condition():
-            assert time.monotonic() < deadline, engine.status()
-            time.sleep(0.01)
-
     with live_server(app) as base:
         def send(**extra):
             results.append(httpx.post(f"{base}/v1/completions", timeout=60, json={
@@ -403,11 +399,11 @@ def test_a_request_naming_the_models_action_temperature_batches_with_one_naming_
         with engine.lock:  # the worker takes a first (greedy) job and waits; the two others queue behind it
             threads = [threading.Thread(target=send, kwargs={"temperature": 0})]
             threads[0].start()
-            wait_until(lambda: engine.status()["requests"] == 1 and engine.status()["queued"] == 0)
+            wait_until(engine, lambda: engine.status()["requests"] == 1 and engine.status()["queued"] == 0)
             for extra in ({}, {"action_temperature": served[0].action_temperature}):
                 threads.append(threading.Thread(target=send, kwargs=extra))
                 threads[-1].start()
-            wait_until(lambda: engine.status()["queued"] == 2)
+            wait_until(engine, lambda: engine.status()["queued"] == 2)
         for t in threads:
             t.join(30)
         stats = httpx.get(f"{base}/health").json()
