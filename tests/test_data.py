@@ -38,6 +38,9 @@ def test_tokenizer_train_saves_a_complete_transformers_tokenizer(corpus, tmp_pat
     assert len(loaded) == len(trained) <= 350  # load_tokenizer added no [PAD]: the pad token is there
     assert (loaded.unk_token, loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<unk>", "<s>", "</s>", "<pad>")
     assert len({loaded.unk_token_id, loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id}) == 4
+    # plain transformers pads it on the left too: every model trained with it generates batches out of the box
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok").padding_side == "left"
     ids = loaded("the king spoke\n\nof ÿ日本")["input_ids"]
     assert ids[0] == loaded.bos_token_id and loaded.unk_token_id not in ids  # byte level: nothing unknown
     assert loaded.decode(ids, skip_special_tokens=True) == "the king spoke\n\nof ÿ日本"

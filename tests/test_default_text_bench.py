@@ -100,13 +100,16 @@ def test_the_same_model_is_not_worse_and_a_damaged_one_is(tmp_path):
 def test_action_temperatures_name_the_highest_that_passes_and_the_config_one_is_used(tmp_path):
     """--action-temperatures writes the candidate's sampled text at each T and names the highest at which it is
     not worse; without it the candidate samples at its config.json's action_temperature, as `bwarea generate`."""
-    tried = run(tmp_path, default_model.path(), "tried", "--action-temperatures", "0.6", "1")
-    assert [row["action_temperature"] for row in tried["action_temperatures"]] == [1.0, 0.6]  # highest first
-    at_one = tried["action_temperatures"][0]
-    assert at_one["not_worse"] and at_one["sampled"]["ratio"] == pytest.approx(1.0)  # the model itself at its own T
-    assert tried["chosen_action_temperature"] == 1.0 == tried["candidate_action_temperature"]
-    assert tried["models_action_temperature"] == {"reference": 1.0, "candidate": 1.0}
-    assert "chosen action temperature: **1**" in output(tmp_path / "tried", ".md").read_text()
+    own_t = json.loads((default_model.path() / "config.json").read_text()).get("action_temperature", 1.0)
+    assert own_t > 0.6
+    tried = run(tmp_path, default_model.path(), "tried", "--action-temperatures", "0.6", str(own_t))
+    assert [row["action_temperature"] for row in tried["action_temperatures"]] == [own_t, 0.6]  # highest first
+    at_own = tried["action_temperatures"][0]
+    # the shipped model against itself, both at its own temperature: the same text, ratio 1
+    assert at_own["not_worse"] and at_own["sampled"]["ratio"] == pytest.approx(1.0)
+    assert tried["chosen_action_temperature"] == own_t == tried["candidate_action_temperature"]
+    assert tried["models_action_temperature"] == {"reference": own_t, "candidate": own_t}
+    assert f"chosen action temperature: **{own_t:g}**" in output(tmp_path / "tried", ".md").read_text()
     with pytest.raises(SystemExit):
         run(tmp_path, default_model.path(), "bad", "--action-temperatures", "0.6", "0")
 

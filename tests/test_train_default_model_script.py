@@ -233,6 +233,7 @@ def test_install_ships_a_model_whose_text_is_not_worse_and_else_only_when_forced
     # the chosen action temperature goes into the shipped config (generate samples there by default)
     assert installed["action_temperature"] == json.loads((work / "selection.json").read_text())["action_temperature"]
     assert (package / "eval.json").read_text() == (work / "eval_bwarea.json").read_text()
+    assert json.loads((package / "tokenizer_config.json").read_text())["padding_side"] == "left"
 
     (package / "model.safetensors").write_bytes(shipped)
     (work / "done" / "install").unlink()

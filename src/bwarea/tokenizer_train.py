@@ -46,8 +46,10 @@ def train_tokenizer(data, vocab_size: int, out_dir, min_frequency: int = 2) -> P
     # BOS at the start of every encoding: prompts then begin as the packed training documents do.
     backend.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+    # Left padding written into tokenizer_config.json: a batch of prompts generates together, also for users who
+    # load the model folder with plain transformers (its tokenizer class pads on the right by default).
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=1_000_000,
-                                        clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
+                                        clean_up_tokenization_spaces=False, padding_side="left", **SPECIAL_TOKENS)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
