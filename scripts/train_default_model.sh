@@ -467,18 +467,11 @@ if [ "$INSTALL" != "0" ]; then
             for f in model.safetensors tokenizer.json tokenizer_config.json training.json; do
                 cp "$FINAL/$f" src/bwarea/default_model/
             done
-            "$PY" - "$FINAL/config.json" "$FINAL_T" src/bwarea/default_model/config.json \
-                src/bwarea/default_model/tokenizer_config.json <<'EOF'
+            "$PY" - "$FINAL/config.json" "$FINAL_T" src/bwarea/default_model/config.json <<'EOF'
 import json, sys
 config = json.load(open(sys.argv[1]))
 config["action_temperature"] = float(sys.argv[2])
 open(sys.argv[3], "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-# The shipped tokenizer pads on the left for plain transformers too (a tokenizer from an older
-# `bwarea tokenizer train`, or from elsewhere, may not say so).
-path = sys.argv[4]
-tokenizer_config = json.load(open(path))
-tokenizer_config["padding_side"] = "left"
-open(path, "w").write(json.dumps(tokenizer_config, indent=2) + "\n")
 EOF
             cp "$WORK/eval_bwarea.json" src/bwarea/default_model/eval.json
             ls -l src/bwarea/default_model/

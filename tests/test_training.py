@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_pretrain_writes_a_loadable_model_checkpoints_and_metrics(stage1):
     # The loss went down from its start near log(vocab).
     losses = [loss for _, loss in curve(stage1)]
     assert losses[-1] < losses[0]
+
+
+def test_model_folders_pad_on_the_left_whatever_the_tokenizer_said(corpus, tmp_path):
+    # A tokenizer from elsewhere (or an older `bwarea tokenizer train`) may not name a padding side; the model
+    # folder a stage writes pads on the left for plain transformers all the same.
+    from transformers import AutoTokenizer
+
+    from bwarea.train.loop import copy_tokenizer
+    src, dst = tmp_path / "tok", tmp_path / "model"
+    shutil.copytree(corpus / "tok", src)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("padding_side", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(src).padding_side == "right"
+    dst.mkdir()
+    copy_tokenizer(src, dst)
+    assert AutoTokenizer.from_pretrained(dst).padding_side == "left"
+    assert (dst / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
 def test_resume_after_a_kill_gives_the_same_loss_curve(corpus, tmp_path):

@@ -359,9 +359,18 @@ class Trainer:
 
 
 def copy_tokenizer(src, dst: Path) -> None:
-    """Copy the tokenizer files of folder ``src`` into ``dst`` (so the model folder loads on its own)."""
+    """Copy the tokenizer files of folder ``src`` into ``dst`` (so the model folder loads on its own).
+
+    tokenizer_config.json gets ``padding_side: left`` whatever ``src`` said: plain transformers then pads a batch
+    of prompts on the left too, as generation needs (the tokenizer class pads on the right unless told).
+    """
     for name in os.listdir(src):
-        if is_tokenizer_file(name) and (Path(src) / name).is_file():
+        if not (is_tokenizer_file(name) and (Path(src) / name).is_file()):
+            continue
+        if name == "tokenizer_config.json":
+            config = json.loads((Path(src) / name).read_text())
+            (dst / name).write_text(json.dumps({**config, "padding_side": "left"}, indent=2) + "\n")
+        else:
             shutil.copy2(Path(src) / name, dst / name)
 
 
