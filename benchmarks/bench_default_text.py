@@ -39,6 +39,7 @@ OUT.png.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -309,24 +310,29 @@ def main(argv=None) -> int:
                                                               train_grams))
         del model
 
+    @functools.cache  # the greedy setting's comparison is the same at every action temperature tried
+    def compare_setting(setting, t):
+        """-> (the setting's table rows, its checks), the candidate's text written at action temperature t."""
+        ref, cand = written["reference", setting, None], written["candidate", setting, t]
+        if ref[2][:, 1].sum() == 0:
+            raise SystemExit(f"the reference {paths['reference']} wrote no text the judge could score under "
+                             f"'{setting}' ({len(prompts)} prompts): nothing to compare the candidate with")
+        rows = {"reference": ref[1], "candidate": cand[1]}
+        rows["ratio"] = cand[1]["judge_ppl"] / ref[1]["judge_ppl"]
+        rows["ratio_interval"] = bootstrap_ratio(cand[2], ref[2], args.bootstrap, args.seed)
+        c, r = cand[1], ref[1]
+        checks = {"judge_ppl_not_significantly_higher": rows["ratio_interval"][0] <= 1,
+                  "repetition_within_slack": c["repetition"] <= r["repetition"] + REPETITION_SLACK}
+        if "distinct_2" in r:
+            checks |= {"distinct_2_within_slack": c["distinct_2"] >= r["distinct_2"] - DIVERSITY_SLACK,
+                       "self_bleu_within_slack": c["self_bleu"] <= r["self_bleu"] + DIVERSITY_SLACK}
+        return rows, checks
+
     def compare(t):
         """The settings table and the checks with the candidate's sampled text at action temperature t."""
-        settings, checks = {}, {}
-        for setting in SETTINGS:
-            ref = written["reference", setting, None]
-            cand = written["candidate", setting, t if setting == "sampled" else None]
-            if ref[2][:, 1].sum() == 0:
-                raise SystemExit(f"the reference {paths['reference']} wrote no text the judge could score under "
-                                 f"'{setting}' ({len(prompts)} prompts): nothing to compare the candidate with")
-            rows = settings[setting] = {"reference": ref[1], "candidate": cand[1]}
-            rows["ratio"] = cand[1]["judge_ppl"] / ref[1]["judge_ppl"]
-            rows["ratio_interval"] = bootstrap_ratio(cand[2], ref[2], args.bootstrap, args.seed)
-            c, r = cand[1], ref[1]
-            checks[setting] = {"judge_ppl_not_significantly_higher": rows["ratio_interval"][0] <= 1,
-                               "repetition_within_slack": c["repetition"] <= r["repetition"] + REPETITION_SLACK}
-            if "distinct_2" in r:
-                checks[setting] |= {"distinct_2_within_slack": c["distinct_2"] >= r["distinct_2"] - DIVERSITY_SLACK,
-                                    "self_bleu_within_slack": c["self_bleu"] <= r["self_bleu"] + DIVERSITY_SLACK}
+        both = {setting: compare_setting(setting, t if setting == "sampled" else None) for setting in SETTINGS}
+        settings = {setting: rows for setting, (rows, _) in both.items()}
+        checks = {setting: checks for setting, (_, checks) in both.items()}
         return settings, checks, all(all(c.values()) for c in checks.values())
 
     tried = temperatures or [None]
